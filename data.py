@@ -1,0 +1,434 @@
+"""From a JSON/JSONL instruction file to (input_ids, labels, mask) batches: read, template, tokenize, pack.
+
+    python data.py ../shared/data/sharegpt_demo.json --tokenizer ../shared/tokenizers/mistral_v1_32k.model --pack
+"""
+import argparse
+import io
+import json
+import os
+import random
+import sys
+from pathlib import Path
+
+import torch
+
+from model import CheckpointError, Tokenizer
+
+IGNORE = -100  # the label F.cross_entropy skips (its default ignore_index)
+FORMATS = ("alpaca", "sharegpt", "messages")
+TEMPLATES = ("alpaca", "llama2-chat", "vicuna")
+# ShareGPT "from" values. The FastChat demo file has only human/gpt; raw ShareGPT dumps also name
+# the assistant after the site it came from (chatgpt, bing, bard).
+ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+         "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
+
+
+class DataError(Exception):
+    """A user-facing problem with a data file: one line, the file named."""
+
+
+# ---------------------------------------------------------------- reading records
+
+def read_json(path):
+    """A JSON list, or JSONL (one object per line) -> list of raw records."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: cannot read ({e})") from None
+    try:
+        records = json.loads(text)
+        if isinstance(records, dict) and len(text.strip().splitlines()) == 1:
+            records = [records]  # JSONL with a single record
+    except json.JSONDecodeError as e:
+        if text.lstrip().startswith("["):
+            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
+        records = []  # not one JSON value: JSONL, one record per line
+        for lineno, line in enumerate(text.splitlines(), 1):
+            try:
+                records += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise DataError(f"{path}: invalid JSON on line {lineno} (JSONL: one record per line): {e.msg}") from None
+    if not isinstance(records, list):
+        raise DataError(f"{path}: expected a JSON list of records or JSONL, got one JSON {type(records).__name__}")
+    return records
+
+
+def detect_format(records, path):
+    if not isinstance(records[0], dict):
+        raise DataError(f"{path}: record 0: expected a JSON object, got {type(records[0]).__name__}")
+    for fmt, key in (("sharegpt", "conversations"), ("messages", "messages"), ("alpaca", "instruction")):
+        if key in records[0]:
+            return fmt
+    raise DataError(f"{path}: cannot tell the format from record 0's keys {sorted(records[0])}: expected "
+                    "'instruction' (alpaca), 'conversations' (sharegpt) or 'messages'")
+
+
+def field(record, key, i, path, kind=str):
+    if key not in record:
+        raise DataError(f"{path}: record {i}: missing field '{key}'")
+    if not isinstance(record[key], kind):
+        raise DataError(f"{path}: record {i}: field '{key}' should be a {kind.__name__}, got {type(record[key]).__name__}")
+    return record[key]
+
+
+def normalise_chat(messages, i, path):
+    """Clean a chat so it reads [system], user, assistant, user, assistant ... ending on an answer."""
+    out = []
+    for j, m in enumerate(messages):
+        if m["role"] == "system" and j > 0:
+            raise DataError(f"{path}: record {i}: a system message is allowed only first (found at message {j})")
+        if out and out[-1]["role"] == m["role"]:  # a repeated turn (e.g. a reply sent twice): one message
+            out[-1] = {"role": m["role"], "content": out[-1]["content"] + "\n\n" + m["content"]}
+        elif m["role"] == "assistant" and (not out or out[-1]["role"] == "system"):
+            continue  # an opening assistant turn answers nothing; FastChat's train.py skips it too
+        else:
+            out.append(dict(m))
+    while out and out[-1]["role"] != "assistant":  # nothing to learn after the last answer
+        out.pop()
+    return out  # [] or [system] when the record has no answer at all: load_dataset skips it
+
+
+def normalise(record, fmt, i, path):
+    if not isinstance(record, dict):
+        raise DataError(f"{path}: record {i}: expected a JSON object, got {type(record).__name__}")
+    if fmt == "alpaca":
+        # Alpaca ships "input": "" when there is none; Evol-Instruct and others leave the key out
+        return [{"role": "user", "content": field(record, "instruction", i, path),
+                 "input": field(record, "input", i, path) if record.get("input") is not None else ""},
+                {"role": "assistant", "content": field(record, "output", i, path)}]
+    key, role_key, text_key = ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
+    messages = []
+    for j, m in enumerate(field(record, key, i, path, kind=list)):
+        if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(text_key), str):
+            raise DataError(f"{path}: record {i}: message {j} needs '{role_key}' and a string '{text_key}'")
+        role = ROLES.get(m[role_key]) if fmt == "sharegpt" else m[role_key]
+        if role not in ("system", "user", "assistant"):
+            raise DataError(f"{path}: record {i}: unknown role {m[role_key]!r} in message {j}")
+        messages.append({"role": role, "content": m[text_key]})
+    return normalise_chat(messages, i, path)
+
+
+def read_format(path, fmt=None):
+    raw = read_json(path)
+    if not raw:
+        raise DataError(f"{path}: empty dataset (no records)")
+    if fmt is not None and fmt not in FORMATS:
+        raise DataError(f"{path}: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
+    fmt = fmt or detect_format(raw, path)
+    return [normalise(r, fmt, i, path) for i, r in enumerate(raw)], fmt
+
+
+def read_records(path, fmt=None):
+    """Every record (index i = the file's i-th record) as [{"role", "content"}...]; an alpaca user
+    message also keeps its "input". fmt: alpaca | sharegpt | messages, else detected from the keys."""
+    return read_format(path, fmt)[0]
+
+
+# ---------------------------------------------------------------- templates
+
+# Stanford Alpaca's PROMPT_DICT (tatsu-lab/stanford_alpaca train.py), the template NEFTune used.
+ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
+                "Write a response that appropriately completes the request.\n\n"
+                "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+                   "### Instruction:\n{instruction}\n\n### Response:")
+# Meta's llama/generation.py chat_completion
+B_INST, E_INST = "[INST]", "[/INST]"
+B_SYS, E_SYS = "<<SYS>>\n", "\n<</SYS>>\n\n"
+# FastChat's vicuna_v1.1 conversation template
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
+                 "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+
+
+class Special(str):
+    """<s> or </s> inside a template: stands for the token id, never encoded as text."""
+
+
+BOS, EOS = Special("<s>"), Special("</s>")
+
+
+def default_template(fmt):
+    return "alpaca" if fmt == "alpaca" else "vicuna"
+
+
+def user_text(m):  # an alpaca record's input joins its instruction in the chat templates
+    return m["content"] + "\n\n" + m["input"] if m.get("input") else m["content"]
+
+
+def split_turns(messages):
+    """[system], user, assistant, ..., user[, assistant] -> (system or None, [(user message, answer or None)])."""
+    system = messages[0]["content"] if messages and messages[0]["role"] == "system" else None
+    rest = messages[system is not None:]
+    roles = [m["role"] for m in rest]
+    if not rest or roles != [("user", "assistant")[k % 2] for k in range(len(rest))]:
+        raise ValueError(f"expected alternating user/assistant turns starting with user, got {[m['role'] for m in messages]}")
+    return system, [(rest[k], rest[k + 1]["content"] if k + 1 < len(rest) else None) for k in range(0, len(rest), 2)]
+
+
+def pieces(messages, template):
+    """The conversation as [(text, trained)]: each text is encoded on its own, trained = in the loss.
+    A conversation ending with a user message ends with the prompt the model answers from."""
+    system, turns = split_turns(messages)
+    out = []
+    if template == "alpaca":
+        if len(turns) > 1:
+            raise ValueError(f"the alpaca template is single-turn, this conversation has {len(turns)} turns: "
+                             "use --template vicuna or llama2-chat")
+        user, answer = turns[0]
+        prompt = (ALPACA_INPUT if user.get("input") else ALPACA_NO_INPUT).format(instruction=user["content"],
+                                                                                 input=user.get("input"))
+        out += [(BOS, False), (prompt, False)]
+        if answer is not None:
+            out += [(answer, True), (EOS, True)]
+    elif template == "llama2-chat":
+        for k, (user, answer) in enumerate(turns):
+            text = B_SYS + system + E_SYS + user_text(user) if k == 0 and system is not None else user_text(user)
+            out += [(BOS, False), (f"{B_INST} {text.strip()} {E_INST}", False)]  # every turn opens with <s>
+            if answer is not None:
+                out += [(answer.strip(), True), (EOS, True)]  # Meta strips the answer too
+    elif template == "vicuna":
+        out.append((BOS, False))
+        for k, (user, answer) in enumerate(turns):
+            head = (VICUNA_SYSTEM if system is None else system) + " " if k == 0 else ""
+            out.append((f"{head}USER: {user_text(user)} ASSISTANT:", False))
+            if answer is not None:
+                out += [(answer, True), (EOS, True)]
+    else:
+        raise ValueError(f"unknown template {template!r} (choose from {', '.join(TEMPLATES)})")
+    return out
+
+
+def render(messages, template):
+    """The conversation as one string in each format's usual notation. The space before each answer
+    is sentencepiece's dummy prefix: the answer is encoded on its own, so it starts with one."""
+    return "".join(" " + text if trained and not isinstance(text, Special) else text
+                   for text, trained in pieces(messages, template))
+
+
+# ---------------------------------------------------------------- tokenizing
+
+def tokenize(messages, tok, template, max_len=512):
+    """-> (input_ids, labels, truncated). labels[t] = input_ids[t] on answer tokens (and each answer's
+    </s>), IGNORE elsewhere; train.py shifts them. Prompt and answer are separate sentencepiece calls
+    so that the prompt's ids at generation time (prompt_ids) are exactly the ones trained on."""
+    ids, labels = [], []
+    for text, trained in pieces(messages, template):
+        if isinstance(text, Special):
+            part = [tok.bos_id if text == BOS else tok.eos_id]
+        else:
+            part = tok.encode(text, bos=False)
+        ids += part
+        labels += part if trained else [IGNORE] * len(part)
+    return ids[:max_len], labels[:max_len], len(ids) > max_len
+
+
+def prompt_ids(messages, tok, template):
+    """The ids the model reads before answering a conversation that ends with a user message."""
+    if not messages or messages[-1]["role"] != "user":
+        raise ValueError("prompt_ids needs a conversation whose last message is from the user")
+    return tokenize(messages, tok, template, max_len=sys.maxsize)[0]
+
+
+def tokenize_all(records, tok, template, max_len, source):
+    """-> (examples, counts). Records with no answer are skipped; so are examples whose answer lies
+    entirely beyond max_len (the prompt alone filled it: nothing to learn)."""
+    examples, counts = [], {"records": len(records), "truncated": 0, "dropped": 0, "unanswered": 0}
+    for i, messages in enumerate(records):
+        if not any(m["role"] == "assistant" for m in messages):
+            counts["unanswered"] += 1
+            continue
+        try:
+            ids, labels, truncated = tokenize(messages, tok, template, max_len)
+        except ValueError as e:
+            raise DataError(f"{source}: record {i}: {e}") from None
+        counts["truncated"] += truncated
+        if all(label == IGNORE for label in labels):
+            counts["dropped"] += 1
+        else:
+            examples.append({"input_ids": ids, "labels": labels})
+    if not examples:
+        raise DataError(f"{source}: no examples left ({len(records)} records, {counts['unanswered']} without an answer, "
+                        f"{counts['dropped']} with no response token within max_len {max_len})")
+    return examples, counts
+
+
+def tokenize_records(records, tok, template, max_len=512, source="data", verbose=True):
+    """Records -> examples {"input_ids", "labels"}, reporting truncation once, in one stderr line."""
+    examples, c = tokenize_all(records, tok, template, max_len, source)
+    if verbose and (c["truncated"] or c["unanswered"]):
+        msg = (f"data.py: {c['truncated']} of {c['records']} examples in {source} longer than max_len {max_len} "
+               f"were truncated ({c['dropped']} dropped: no response token left)")
+        if c["unanswered"]:
+            msg += f"; {c['unanswered']} records without an assistant turn skipped"
+        print(msg, file=sys.stderr)
+    return examples
+
+
+def load_dataset(path, tok, template=None, max_len=512, fmt=None, verbose=True):
+    records, fmt = read_format(path, fmt)
+    return tokenize_records(records, tok, template or default_template(fmt), max_len, path, verbose)
+
+
+def split_eval(examples, eval_frac, seed):
+    """A deterministic held-out split: a seeded shuffle picks the eval examples; both keep file order."""
+    n_eval = min(max(1, round(len(examples) * eval_frac)), len(examples) - 1) if eval_frac > 0 else 0
+    held = set(random.Random(seed).sample(range(len(examples)), n_eval))
+    return ([x for i, x in enumerate(examples) if i not in held], [x for i, x in enumerate(examples) if i in held])
+
+
+# ---------------------------------------------------------------- batching
+
+def collate(examples, pad_id):
+    """Right-pad to the longest example: input_ids (B, T), labels (B, T) with IGNORE on padding,
+    mask (B, T) True at real tokens; packed rows also get segment_ids and positions (0 on padding)."""
+    T = max(len(x["input_ids"]) for x in examples)
+    keys = ("segment_ids", "positions") if "segment_ids" in examples[0] else ()
+    batch = {"input_ids": torch.full((len(examples), T), pad_id, dtype=torch.long),
+             "labels": torch.full((len(examples), T), IGNORE, dtype=torch.long),
+             "mask": torch.zeros(len(examples), T, dtype=torch.bool),
+             **{k: torch.zeros(len(examples), T, dtype=torch.long) for k in keys}}
+    for b, x in enumerate(examples):
+        n = len(x["input_ids"])
+        batch["mask"][b, :n] = True
+        for k in ("input_ids", "labels") + keys:
+            batch[k][b, :n] = torch.tensor(x[k], dtype=torch.long)
+    return batch
+
+
+def pack(examples, seq_len):
+    """Greedy in order: append each example to the current row while it fits in seq_len, else start
+    a new row. segment_ids number the documents 1, 2, ... (padding will be 0) so attention stays
+    inside each one, and positions restart at 0 so every document sees the RoPE angles it would alone.
+    Each example opens with <s> labelled IGNORE, so the shifted loss never asks the end of one
+    document to predict the start of the next."""
+    rows, row = [], None
+    for x in examples:
+        n = len(x["input_ids"])
+        if n > seq_len:
+            raise ValueError(f"an example of {n} tokens does not fit seq_len {seq_len}: truncate to max_len <= seq_len")
+        if row is None or len(row["input_ids"]) + n > seq_len:
+            row = {"input_ids": [], "labels": [], "segment_ids": [], "positions": []}
+            rows.append(row)
+        row["segment_ids"] += [(row["segment_ids"][-1] if row["segment_ids"] else 0) + 1] * n
+        row["positions"] += range(n)
+        row["input_ids"] += x["input_ids"]
+        row["labels"] += x["labels"]
+    return rows
+
+
+def padding_fraction(examples, batch_size):
+    """Pad tokens / all tokens when consecutive examples are collated batch_size at a time."""
+    lengths = [len(x["input_ids"]) for x in examples]
+    batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
+    total = sum(len(b) * max(b) for b in batches)
+    return 1 - sum(lengths) / total if total else 0.0
+
+
+# ---------------------------------------------------------------- the built-in dataset
+
+WORDS = ("apple river green house music paper stone cloud happy quick light table water blue horse "
+         "window garden silver orange yellow summer winter bread chair tiger ocean small bright "
+         "road moon star fish bird tree book lamp door").split()
+
+
+def builtin_record(rng):
+    """One short task with a checkable answer, as (instruction, input, output)."""
+    a, b = rng.randint(0, 99), rng.randint(0, 99)
+    words = rng.sample(WORDS, rng.randint(3, 5))
+    task = rng.randrange(8)
+    if task == 0:
+        return rng.choice([(f"What is {a} + {b}?", "", f"{a} + {b} = {a + b}"),
+                           ("Add the two numbers.", f"{a} and {b}", f"{a} + {b} = {a + b}")])
+    if task == 1:
+        a, b = max(a, b), min(a, b)
+        return rng.choice([(f"What is {a} - {b}?", "", f"{a} - {b} = {a - b}"),
+                           ("Subtract the second number from the first.", f"{a} and {b}", f"{a} - {b} = {a - b}")])
+    if task == 2:
+        a, b = rng.randint(2, 12), rng.randint(2, 12)
+        return f"What is {a} * {b}?", "", f"{a} * {b} = {a * b}"
+    if task == 3:
+        return "Reverse the order of these words.", " ".join(words), " ".join(reversed(words))
+    if task == 4:
+        nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
+        return "Sort these numbers from smallest to largest.", ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums)))
+    if task == 5:
+        word = rng.choice(WORDS)
+        letter = rng.choice(sorted(set(word)) + ["e"])
+        return f"How many times does the letter '{letter}' appear in the word '{word}'?", "", str(word.count(letter))
+    if task == 6:
+        return "Write this phrase in uppercase.", " ".join(words), " ".join(words).upper()
+    return f"Answer with yes or no: is {a} even?", "", "yes" if a % 2 == 0 else "no"
+
+
+def builtin_records(seed=0, n=4000):
+    """n alpaca-style records (as read_records returns them), the same for the same seed."""
+    rng = random.Random(seed)
+    return [[{"role": "user", "content": instruction, "input": inp}, {"role": "assistant", "content": output}]
+            for instruction, inp, output in (builtin_record(rng) for _ in range(n))]
+
+
+def builtin_tokenizer(path, seed=0, vocab_size=1000):
+    """Train a small SentencePiece BPE with LLaMA's layout on the built-in text (all three templates)
+    and write it to path. One thread and a fixed sentence order make it byte-identical per seed."""
+    import sentencepiece as spm
+
+    lines = []
+    for messages in builtin_records(seed):
+        for template in TEMPLATES:
+            # sentencepiece trains on lines; "\n" itself is left to byte fallback, as in LLaMA (<0x0A>)
+            lines += render(messages, template).replace("<s>", "\n").replace("</s>", "\n").split("\n")
+    model = io.BytesIO()
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter([line for line in lines if line.strip()]), model_writer=model,
+        model_type="bpe", vocab_size=vocab_size, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+        byte_fallback=True, split_digits=True, character_coverage=1.0, num_threads=1,
+        normalization_rule_name="identity", remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(model.getvalue())
+    os.replace(tmp, path)  # a crash never leaves a half-written tokenizer behind
+    return Tokenizer(path)
+
+
+# ---------------------------------------------------------------- statistics
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Statistics of an instruction dataset as train.py would see it.")
+    p.add_argument("file")
+    p.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    p.add_argument("--template", choices=TEMPLATES, help="default: alpaca for alpaca data, else vicuna")
+    p.add_argument("--format", choices=FORMATS, help="default: detected from the records' keys")
+    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8, help="micro-batch size for the padding fraction")
+    p.add_argument("--pack", action="store_true", help="also describe the packed rows")
+    a = p.parse_args(argv)
+    try:
+        tok = Tokenizer(a.tokenizer)
+        records, fmt = read_format(a.file, a.format)
+        template = a.template or default_template(fmt)
+        examples, counts = tokenize_all(records, tok, template, a.max_len, a.file)
+    except (DataError, CheckpointError) as e:
+        print(f"data.py: error: {e}", file=sys.stderr)
+        return 2
+    n_tokens = sum(len(x["input_ids"]) for x in examples)
+    n_response = sum(label != IGNORE for x in examples for label in x["labels"])
+    rows = pack(examples, a.max_len)
+    print(f"{a.file}: {fmt} format, {template} template, max_len {a.max_len}")
+    print(f"examples        {len(examples)} of {len(records)} records ({counts['truncated']} truncated, "
+          f"{counts['dropped']} dropped with no response token left, {counts['unanswered']} without an answer)")
+    print(f"tokens          {n_tokens} (mean {n_tokens / len(examples):.1f}, max {max(len(x['input_ids']) for x in examples)})")
+    print(f"response tokens {n_response} ({n_response / n_tokens:.1%} of tokens)")
+    print(f"padding         {padding_fraction(examples, a.batch_size):.1%} at batch size {a.batch_size}, "
+          f"{padding_fraction(rows, a.batch_size):.1%} packed (seq_len {a.max_len})")
+    if a.pack:
+        print(f"packed rows     {len(rows)} ({len(examples) / len(rows):.1f} examples and "
+              f"{n_tokens / len(rows):.0f} tokens per row)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

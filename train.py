@@ -1,0 +1,410 @@
+"""Instruction finetuning with NEFTune: one readable FSDP2 loop, under torchrun or plain python.
+
+    torchrun --standalone --nproc_per_node=2 train.py --alpha 5        # built-in demo, ~2 min on 2 CPUs
+    torchrun --nproc_per_node=8 train.py --init llama-2-7b --data alpaca_data.json --alpha 5 --out out/neft
+
+A batch's path: data.py -> tokens -> model.tok_embeddings -> noise.neftune (training only) -> rest
+of the model -> cross-entropy on response tokens. `--alpha 0 5 10 15` sweeps alpha in one command.
+"""
+import argparse
+import json
+import math
+import os
+import shutil
+import socket
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn.functional as F
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.utils.checkpoint import checkpoint
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+import data
+from model import CheckpointError, ModelArgs, Tokenizer, Transformer, find_tokenizer, load_meta, save_meta
+from noise import KINDS, neftune
+
+# The paper's recipe (Stanford Alpaca's, which NEFTune kept) when finetuning real weights, and a
+# small-model recipe for the built-in demo that learns visibly in two minutes on a CPU.
+RECIPES = {
+    "paper": dict(lr=5e-5, batch_size=128, micro_batch_size=4, epochs=3, max_len=512, eval_every=50, save_every=200),
+    "demo": dict(lr=2e-3, batch_size=32, micro_batch_size=16, epochs=2, max_len=128, eval_every=25, save_every=100),
+}
+
+
+class UserError(Exception):
+    """A mistake in the command line or the files it names: one line, exit status 2."""
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--out", default="out", help="run folder (checkpoints, log.jsonl, final/)")
+    p.add_argument("--alpha", type=float, nargs="+", default=[5.0], help="NEFTune alpha; several values = a sweep; 0 = no noise")
+    p.add_argument("--noise", nargs="+", default=["uniform"], choices=KINDS, help="noise distribution(s); several = crossed with --alpha")
+    p.add_argument("--init", help="Meta checkpoint folder to finetune (default: a small model from scratch)")
+    p.add_argument("--data", help="training file (Alpaca, ShareGPT or messages JSON/JSONL; default: built-in tasks)")
+    p.add_argument("--eval-data", help="held-out file for the clean eval loss (default: --eval-frac of --data)")
+    p.add_argument("--eval-frac", type=float, default=0.02)
+    p.add_argument("--format", choices=("alpaca", "sharegpt", "messages"), help="data format (default: detected)")
+    p.add_argument("--template", choices=data.TEMPLATES, help="prompt template (default: alpaca for Alpaca data, else vicuna)")
+    p.add_argument("--dim", type=int, default=256, help="width of the from-scratch model (no --init)")
+    p.add_argument("--n-layers", type=int, default=4, help="depth of the from-scratch model (no --init)")
+    p.add_argument("--n-heads", type=int, default=4, help="heads of the from-scratch model (no --init)")
+    p.add_argument("--pack", action="store_true", help="pack several examples per row (document-aware attention and noise)")
+    for k in ("max_len", "epochs", "batch_size", "micro_batch_size", "eval_every", "save_every"):
+        p.add_argument("--" + k.replace("_", "-"), type=int, help="default: 'paper' recipe with --init, else 'demo'")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: 5e-5 with --init, else 2e-3)")
+    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
+    p.add_argument("--warmup", type=float, default=0.03, help="warmup fraction of the steps, then cosine to 0")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--log-every", type=int, default=1)
+    p.add_argument("--eval-examples", type=int, default=256, help="examples in the fixed subsets for clean losses")
+    p.add_argument("--keep", type=int, default=2, help="resumable checkpoints kept")
+    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="bf16: FSDP mixed precision on GPU, autocast on CPU (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--export-dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of OUT/final (Meta ships bf16)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
+    p.add_argument("--act-ckpt", action="store_true", help="recompute each block's activations in backward")
+    args = p.parse_args(argv)
+    recipe = RECIPES["paper" if args.init else "demo"]
+    for k, v in recipe.items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if any(a < 0 for a in args.alpha):
+        raise UserError(f"--alpha must be >= 0, got {' '.join(map(str, args.alpha))}")
+    return args
+
+
+# ----------------------------------------------------------------------------- distributed setup
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` becomes a world of one, so there is
+    a single code path (FSDP2 needs a process group even on one rank)."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        device = torch.device("cpu")
+        dist.init_process_group("gloo")
+    return dist.get_rank(), dist.get_world_size(), device
+
+
+def all_sum(*xs, device):
+    t = torch.tensor(xs, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
+# ----------------------------------------------------------------------------- data
+
+def build_data(args, out, rank):
+    """Tokenizer, train examples, fixed clean-loss subsets. Every rank builds the same lists."""
+    if args.init:
+        if not Path(args.init).is_dir():
+            raise UserError(f"{args.init}: --init folder not found")
+        tok_path = find_tokenizer(args.init)
+        if tok_path is None:
+            raise UserError(f"{args.init}: no tokenizer.model beside the weights or one level up")
+    else:
+        tok_path = out / "tokenizer.model"
+        if rank == 0 and not tok_path.exists():
+            data.builtin_tokenizer(tok_path, seed=args.seed)
+        dist.barrier()
+    tok = Tokenizer(tok_path)
+    fmt, template = args.format, args.template
+    if args.data:
+        if not Path(args.data).is_file():
+            raise UserError(f"{args.data}: --data file not found")
+        train = data.load_dataset(args.data, tok, template, args.max_len, fmt, verbose=rank == 0)
+        held_out = None
+        if args.eval_data:
+            held_out = data.load_dataset(args.eval_data, tok, template, args.max_len, fmt, verbose=rank == 0)
+    else:
+        train = data.tokenize_records(data.builtin_records(seed=args.seed), tok, template or "alpaca", args.max_len,
+                                      source="built-in data", verbose=rank == 0)
+        held_out = None
+    if held_out is None:
+        train, held_out = data.split_eval(train, args.eval_frac, args.seed)
+    clean_train = train[: args.eval_examples]  # a fixed subset: Figure 4's clean training loss
+    held_out = held_out[: args.eval_examples]
+    if args.pack:
+        train = data.pack(train, args.max_len)
+    return tok, tok_path, train, clean_train, held_out
+
+
+def row_generators(seed, epoch, indices, device):
+    """One noise stream per example, seeded by (seed, epoch, example index): the noise an example
+    gets does not depend on the world size, the micro-batch size or where a run was resumed."""
+    return [torch.Generator(device).manual_seed(seed * 1_000_003 + epoch * 10_000_019 + int(i)) for i in indices]
+
+
+# ----------------------------------------------------------------------------- model and loss
+
+def build_model(args, tok, device, dtype):
+    if args.init:
+        model = load_meta(args.init)
+        if model.args.vocab_size != tok.n_words:
+            raise UserError(f"{args.init}: tokenizer has {tok.n_words} pieces but the model's embedding has {model.args.vocab_size}")
+        model = model.float()  # FSDP keeps fp32 master weights; MixedPrecisionPolicy/autocast compute in bf16
+    else:
+        torch.manual_seed(args.seed)  # same init on every rank; fully_shard then keeps each rank's slice
+        model = Transformer(ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, multiple_of=32,
+                                      vocab_size=tok.n_words, max_seq_len=args.max_len))
+    model.train()
+    if args.act_ckpt:  # trade compute for memory: keep only each block's input for backward
+        for layer in model.layers:
+            layer.forward = lambda *a, _f=layer.forward: checkpoint(_f, *a, use_reentrant=False)
+    if args.compile:
+        for layer in model.layers:
+            layer.compile()
+    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" and dtype == torch.bfloat16 else MixedPrecisionPolicy()
+    for layer in model.layers:  # one FSDP unit per block; the root holds embedding, norm and output
+        fully_shard(layer, mp_policy=mp)
+    fully_shard(model, mp_policy=mp)
+    return model.to(device)
+
+
+def response_loss_sum(logits, labels):
+    # labels are aligned with the inputs: the logits at t predict the token at t+1
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
+
+
+def forward_loss(model, batch, device, autocast, alpha=0.0, kind="uniform", generators=None):
+    """Summed response-token loss of one micro-batch. The noise is applied only when the model is
+    in training mode: clean losses are computed under model.eval() and can never be noisy."""
+    x, labels, mask = batch["input_ids"].to(device), batch["labels"].to(device), batch["mask"].to(device)
+    seg = batch.get("segment_ids")
+    seg, pos = (None, None) if seg is None else (seg.to(device), batch["positions"].to(device))
+    attn_mask = None if bool(mask.all()) else mask  # no padding: SDPA's plain causal kernel
+    noise = None
+    if model.training and alpha > 0:  # NEFTune: the embeddings get noise in training steps only
+        noise = lambda embeds: neftune(embeds, mask, alpha, kind, generator=generators, segment_ids=seg)
+    with autocast:
+        logits = model(x, noise=noise, mask=attn_mask, positions=pos, segment_ids=seg)
+    return response_loss_sum(logits, labels)
+
+
+@torch.no_grad()
+def clean_loss(model, examples, args, rank, world, device, autocast, pad_id):
+    """Mean loss per response token with the noise off (the paper's Figure 4)."""
+    was_training = model.training
+    model.eval()
+    total = count = 0.0
+    mine = examples[rank::world]
+    for i in range(0, len(examples), world * args.micro_batch_size):  # same number of calls on every rank
+        chunk = mine[i // world: i // world + args.micro_batch_size]
+        if chunk:
+            batch = data.collate(chunk, pad_id)
+            total += forward_loss(model, batch, device, autocast).item()
+            count += int((batch["labels"][:, 1:] != -100).sum())
+        else:  # FSDP all-gathers are collective: a rank with no data still runs a forward
+            forward_loss(model, data.collate(examples[:1], pad_id), device, autocast)
+    total, count = all_sum(total, count, device=device)
+    model.train(was_training)
+    return total / max(count, 1)
+
+
+# ----------------------------------------------------------------------------- checkpoints
+
+def checkpoints(out):
+    """Complete checkpoints, oldest first (a temporary .tmp-* folder is never one)."""
+    return sorted(p for p in (out / "ckpt").glob("step_*") if (p / "train_state.json").exists())
+
+
+def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep):
+    """DCP: every rank writes its own shard. Written to a temporary folder, renamed when complete."""
+    final = out / "ckpt" / f"step_{step:07d}"
+    tmp = out / "ckpt" / f".tmp-step_{step:07d}"
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    dist.barrier()
+    model_sd, optim_sd = get_state_dict(model, opt)
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp / f"rng_{rank}.pt")
+    dist.barrier()
+    if rank == 0:
+        (tmp / "train_state.json").write_text(json.dumps({"step": step, "tokens": tokens_seen, "scheduler": sched.state_dict()}))
+        os.replace(tmp, final)
+        for old in checkpoints(out)[:-keep]:
+            shutil.rmtree(old)
+    dist.barrier()
+
+
+def load_checkpoint(path, model, opt, sched, rank):
+    model_sd, optim_sd = get_state_dict(model, opt)
+    state = {"model": model_sd, "optim": optim_sd}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    meta = json.loads((path / "train_state.json").read_text())
+    sched.load_state_dict(meta["scheduler"])
+    rng_file = path / f"rng_{rank}.pt"
+    if rng_file.exists():  # absent when resuming on more ranks than saved: nothing uses it anyway
+        rng = torch.load(rng_file, weights_only=True)
+        torch.set_rng_state(rng["cpu"])
+        if rng["cuda"] is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state(rng["cuda"])
+    return meta["step"], meta["tokens"]
+
+
+def export_final(out, model, tok_path, rank, dtype):
+    """Gather the shards into one Meta-format folder (model.save_meta) on rank 0."""
+    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    if rank == 0:
+        with torch.device("meta"):
+            plain = Transformer(model.args)
+        plain.load_state_dict(full, assign=True)
+        save_meta(plain, out / "final", tokenizer_path=tok_path, dtype=dtype)
+    dist.barrier()
+
+
+# ----------------------------------------------------------------------------- one training run
+
+def lr_lambda(warmup, total):
+    """Linear warmup, then cosine to zero (HF's get_cosine_schedule_with_warmup, as the paper used)."""
+    def f(step):
+        if step < warmup:
+            return step / max(1, warmup)
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
+    return f
+
+
+def train_one(args, out, alpha, kind, rank, world, device, log=print):
+    dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and dtype == torch.bfloat16 else nullcontext()
+    tok, tok_path, train, clean_train, held_out = build_data(args, out.parent if out.name.startswith("alpha_") else out, rank)
+    per_rank = args.batch_size // world
+    steps_per_epoch = len(train) // args.batch_size
+    if steps_per_epoch == 0:
+        raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, fewer than one global batch of {args.batch_size}")
+    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    model = build_model(args, tok, device, dtype)
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(math.ceil(args.warmup * total_steps), total_steps))
+    sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+
+    step = tokens_seen = 0
+    if args.resume and checkpoints(out):
+        step, tokens_seen = load_checkpoint(checkpoints(out)[-1], model, opt, sched, rank)
+        log(f"resumed from {checkpoints(out)[-1]} at step {step}")
+    log_path = out / "log.jsonl"
+    if rank == 0:  # keep the log consistent with the checkpoint: drop steps a killed run logged past it
+        old = log_path.read_text().splitlines() if log_path.exists() else []
+        log_path.write_text("".join(l + "\n" for l in old if json.loads(l)["step"] <= step))
+    log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {steps_per_epoch} steps/epoch, "
+        f"{total_steps} steps | world {world}, {args.batch_size // (world * args.micro_batch_size)} micro-batches of "
+        f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params, {str(dtype)[6:]} on {device.type}")
+
+    pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    speeds, record = [], {}
+    while step < total_steps:
+        epoch, offset = divmod(step, steps_per_epoch)
+        sampler.set_epoch(epoch)  # the data order is a function of (seed, epoch): resume is exact
+        mine = list(sampler)[offset * per_rank: (offset + 1) * per_rank]
+        micro = [data.collate([train[i] for i in mine[j: j + args.micro_batch_size]], tok.pad_id) | {"index": mine[j: j + args.micro_batch_size]}
+                 for j in range(0, per_rank, args.micro_batch_size)]
+        n_resp, n_tok = all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
+                                sum(int(b["mask"].sum()) for b in micro), device=device)
+        t0 = time.perf_counter()
+        loss_sum = 0.0
+        for batch in micro:
+            gens = row_generators(args.seed, epoch, batch["index"], device)
+            loss = forward_loss(model, batch, device, autocast, alpha, kind, gens)
+            # mean over the response tokens of the whole global batch, whatever the micro-batching;
+            # x world because FSDP averages gradients over ranks
+            (loss * world / n_resp).backward()
+            loss_sum += loss.item()
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
+        train_loss = all_sum(loss_sum, device=device)[0] / n_resp
+        if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
+            raise UserError(f"non-finite loss ({train_loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
+                            f"the weights were not updated and the last good checkpoint in {out / 'ckpt'} is kept (try a lower --lr)")
+        lr = sched.get_last_lr()[0]
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        step += 1
+        dt = time.perf_counter() - t0
+        tokens_seen += n_tok
+        speeds.append(n_tok / dt)
+        record = dict(step=step, epoch=round(step / steps_per_epoch, 4), lr=lr, loss=train_loss, grad_norm=grad_norm,
+                      tokens=int(tokens_seen), tokens_per_s=round(n_tok / dt, 1))
+        if step % args.eval_every == 0 or step == total_steps:
+            record["clean_train_loss"] = clean_loss(model, clean_train, args, rank, world, device, autocast, tok.pad_id)
+            record["eval_loss"] = clean_loss(model, held_out, args, rank, world, device, autocast, tok.pad_id)
+        if rank == 0 and (step % args.log_every == 0 or "eval_loss" in record):
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+        pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tok / dt:,.0f}", **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
+        pbar.update(1)
+        if step % args.save_every == 0 and step < total_steps:
+            save_checkpoint(out, model, opt, sched, step, int(tokens_seen), rank, args.keep)
+    pbar.close()
+    if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
+        record["clean_train_loss"] = clean_loss(model, clean_train, args, rank, world, device, autocast, tok.pad_id)
+        record["eval_loss"] = clean_loss(model, held_out, args, rank, world, device, autocast, tok.pad_id)
+    export_final(out, model, tok_path, rank, torch.float32 if args.export_dtype == "fp32" else torch.bfloat16)
+    return dict(alpha=alpha, noise=kind, clean_train_loss=record.get("clean_train_loss"), eval_loss=record.get("eval_loss"),
+                tokens_per_s=sum(speeds) / max(len(speeds), 1))
+
+
+def write_sweep(out, results):
+    lines = ["| alpha | noise | clean train loss | eval loss | tokens/s |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['alpha']:g} | {r['noise']} | {r['clean_train_loss']:.4f} | {r['eval_loss']:.4f} | {r['tokens_per_s']:,.0f} |")
+    (out / "sweep.md").write_text("Final clean (noise-off) losses per run; see each folder's log.jsonl for the curves.\n\n" + "\n".join(lines) + "\n")
+
+
+def main(argv=None):
+    rank = 0
+    try:
+        args = parse_args(argv)
+        rank, world, device = setup_distributed()
+        if args.batch_size % (world * args.micro_batch_size):
+            raise UserError(f"--batch-size {args.batch_size} is not a multiple of world size {world} x --micro-batch-size {args.micro_batch_size}")
+        out = Path(args.out)
+        if not args.resume and out.exists() and any(out.iterdir()):
+            raise UserError(f"{out}: --out is not empty; pass --resume to continue it or choose another folder")
+        log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
+        log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+        runs = [(a, k) for k in args.noise for a in args.alpha]
+        results = []
+        for alpha, kind in runs:
+            name = f"alpha_{alpha:g}" + (f"_{kind}" if len(args.noise) > 1 else "")
+            run_out = out / name if len(runs) > 1 else out
+            dist.barrier()
+            if rank == 0:
+                run_out.mkdir(parents=True, exist_ok=True)
+            dist.barrier()
+            results.append(train_one(args, run_out, alpha, kind, rank, world, device, log))
+        if len(runs) > 1 and rank == 0:
+            write_sweep(out, results)
+            log((out / "sweep.md").read_text())
+    except (UserError, CheckpointError, data.DataError) as e:
+        if rank == 0:
+            print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
