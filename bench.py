@@ -1,7 +1,8 @@
-"""Benchmarks, nanoGPT-style: each part is one function returning a dict; main() runs the chosen
-parts, prints a table and writes bench.json.
+"""Speed and memory against the machine's own limits, measured in the same run: training tokens/s
+and MFU, NEFTune's cost, decode tokens/s against memory bandwidth, load_meta's peak memory.
 
-    python bench.py --only load     # peak memory and time of load_meta on a 2.2 GB checkpoint
+    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load
+    python bench.py --only train --compile --dtypes fp32 bf16
 """
 import argparse
 import json
@@ -9,11 +10,167 @@ import resource
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 
 from model import ModelArgs, Transformer, load_meta, save_meta
+from noise import neftune
+from sample import generate
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+H100_BF16_PEAK = 989e12  # H100 SXM dense bf16 tensor-core FLOP/s, from NVIDIA's datasheet
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, min_time=1.0, min_reps=3):
+    """Best time of fn() over repeats lasting at least min_time seconds (after one warm-up call):
+    the best, not the mean, because a shared machine only ever slows a run down."""
+    fn()
+    sync(device)
+    best, reps, start = float("inf"), 0, time.perf_counter()
+    while reps < min_reps or time.perf_counter() - start < min_time:
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+        reps += 1
+    return best
+
+
+def matmul_peak(dtype, device, max_n=4096):
+    """Best sustained FLOP/s of a square torch.matmul: the size doubles from 512 while one product
+    takes under a quarter second (a CPU without bf16 units would take minutes at 4096)."""
+    best, n = 0.0, 512
+    while n <= max_n:
+        a, b = (torch.randn(n, n, device=device).to(dtype) for _ in range(2))
+        t = timed(lambda: a @ b, device, min_time=0.5)
+        best = max(best, 2 * n ** 3 / t)
+        if t > 0.25:
+            break
+        n *= 2
+    return best
+
+
+def copy_bandwidth(device, nbytes=1 << 30):
+    """Bytes/s of a large tensor copy, counting the read and the write: the bandwidth limit of decoding."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).fill_(1.0)
+    dst = torch.empty_like(src)
+    return 2 * nbytes / timed(lambda: dst.copy_(src), device, min_time=0.5)
+
+
+def model_flops_per_token(args, seq_len):
+    """nanoGPT's estimate_mfu, after the PaLM paper (Chowdhery et al. 2022, appendix B): 6N for the
+    weights' forward and backward, plus 12 * n_layers * dim * seq_len for attention's QK^T and AV."""
+    with torch.device("meta"):  # parameter count without allocating the model
+        n_params = Transformer(args).num_params()
+    return 6 * n_params + 12 * args.n_layers * args.dim * seq_len
+
+
+def train_step_fn(model, opt, tokens, mask, dtype, device, alpha):
+    """One full training step as train.py runs it: embed, NEFTune, forward, loss, backward, AdamW."""
+    autocast = torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else nullcontext()
+
+    def step():
+        with autocast:
+            noise = (lambda e: neftune(e, mask, alpha)) if alpha > 0 else None
+            logits = model(tokens, noise=noise)
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step
+
+
+def bench_train(cfg, dtypes, compile_modes, device, seq_len, batch_size, min_time):
+    """Tokens/s and MFU of full training steps (noise on, alpha 5) for each dtype x eager/compile."""
+    args = ModelArgs(**cfg)
+    flops_tok = model_flops_per_token(args, seq_len)
+    out = {"config": {**cfg, "seq_len": seq_len, "batch_size": batch_size}, "flops_per_token": flops_tok, "runs": {}}
+    for name in dtypes:
+        dtype = DTYPES[name]
+        peak = matmul_peak(dtype, device)
+        out[f"matmul_peak_{name}_tflops"] = round(peak / 1e12, 4)
+        if name == "bf16" and device.type == "cpu" and peak < matmul_peak(torch.float32, device):
+            out["runs"][name] = "skipped: this CPU's bf16 matmul is slower than fp32 (no AMX / AVX512-BF16 units)"
+            continue
+        for compiled in compile_modes:
+            torch.manual_seed(0)
+            model = Transformer(args).to(device).train()
+            if compiled:
+                for layer in model.layers:
+                    layer.compile()
+            opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+            tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len), device=device)
+            mask = torch.ones_like(tokens, dtype=torch.bool)
+            t = timed(train_step_fn(model, opt, tokens, mask, dtype, device, alpha=5.0), device, min_time=min_time, min_reps=2)
+            tok_s = batch_size * seq_len / t
+            run = {"step_s": round(t, 4), "tokens_per_s": round(tok_s, 1), "mfu": round(tok_s * flops_tok / peak, 4)}
+            if device.type == "cuda" and name == "bf16":
+                run["mfu_vs_datasheet"] = round(tok_s * flops_tok / H100_BF16_PEAK, 4)
+            out["runs"][name + ("+compile" if compiled else "")] = run
+    return out
+
+
+def bench_noise(cfg, device, seq_len, batch_size, min_time):
+    """NEFTune's cost: neftune() alone and a full step with alpha 5 over alpha 0 (target < 1.01)."""
+    args = ModelArgs(**cfg)
+    torch.manual_seed(0)
+    model = Transformer(args).to(device).train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
+    tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len), device=device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    embeds = torch.randn(batch_size, seq_len, args.dim, device=device)
+    t_noise = timed(lambda: neftune(embeds, mask, 5.0), device, min_time=0.5)
+    steps = {a: train_step_fn(model, opt, tokens, mask, torch.float32, device, alpha=a) for a in (0.0, 5.0)}
+    times = {0.0: [], 5.0: []}
+    for _ in range(3):  # interleaved, so drift on a shared machine hits both alike
+        for a, fn in steps.items():
+            times[a].append(timed(fn, device, min_time=min_time / 6, min_reps=1))
+    t0, t5 = min(times[0.0]), min(times[5.0])
+    return {"neftune_ms": round(1e3 * t_noise, 3), "step_ms_alpha0": round(1e3 * t0, 1), "step_ms_alpha5": round(1e3 * t5, 1),
+            "neftune_over_step": round(t_noise / t0, 5), "step_ratio_alpha5_over_alpha0": round(t5 / t0, 4)}
+
+
+def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, nocache_tokens):
+    """Decode tokens/s through sample.generate against the memory-bandwidth limit (every token reads
+    every weight once: bandwidth / weight bytes), and against a loop without the KV cache."""
+    dtype = DTYPES[dtype_name]
+    args = ModelArgs(**cfg)
+    torch.manual_seed(0)
+    model = Transformer(args).to(device, dtype).eval()
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    bw = copy_bandwidth(device)
+    out = {"config": cfg, "dtype": dtype_name, "n_params": model.num_params(), "weight_gb": round(weight_bytes / 1e9, 3),
+           "copy_bandwidth_gb_s": round(bw / 1e9, 2), "bandwidth_limit_tokens_per_s_batch1": round(bw / weight_bytes, 2)}
+    prompts = lambda b: torch.randint(3, args.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    for b in batch_sizes:
+        generate(model, prompts(b), 2)  # warm-up
+        sync(device)
+        t0 = time.perf_counter()
+        generate(model, prompts(b), new_tokens)
+        sync(device)
+        tok_s = b * new_tokens / (time.perf_counter() - t0)
+        out[f"tokens_per_s_batch{b}"] = round(tok_s, 2)
+        if b == 1:
+            out["fraction_of_bandwidth_limit_batch1"] = round(tok_s / (bw / weight_bytes), 3)
+    # no cache: every step runs the whole sequence again, so its cost grows with the length
+    ids = torch.tensor(prompts(1), device=device)
+    with torch.inference_mode():
+        t0 = time.perf_counter()
+        for _ in range(nocache_tokens):
+            ids = torch.cat([ids, model(ids)[:, -1:].argmax(-1)], dim=1)
+        sync(device)
+    nocache = nocache_tokens / (time.perf_counter() - t0)
+    out["nocache_tokens_per_s_batch1"] = round(nocache, 2)
+    out["cache_speedup_batch1"] = round(out["tokens_per_s_batch1"] / nocache, 2)
+    return out
 
 # A LLaMA-shaped model of 1.11B parameters: 2.2 GB in bf16, the size class of TinyLlama-1.1B.
 LOAD_ARGS = ModelArgs(dim=2048, n_layers=19, n_heads=16, vocab_size=32000, multiple_of=256)
@@ -107,12 +264,52 @@ def bench_load(load_dir="/tmp/neftune_bench_ckpt"):
     }
 
 
-PARTS = {"load": lambda a: bench_load(a.load_dir)}
+TRAIN_CFG = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256)  # the issue's default config
+DECODE_CFG = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=256)  # ~134M parameters
+
+
+def size_cfg(cfg, a):
+    return {**cfg, **{k: v for k, v in (("dim", a.dim), ("n_layers", a.n_layers), ("n_heads", a.n_heads), ("vocab_size", a.vocab)) if v}}
+
+
+PARTS = {
+    "train": lambda a, d: bench_train(size_cfg(TRAIN_CFG, a), a.dtypes, [False, True] if a.compile else [False], d,
+                                      a.seq_len, a.batch_size, a.min_time),
+    "noise": lambda a, d: bench_noise(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.min_time),
+    "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode_dtype, a.new_tokens,
+                                        a.prompt_len, a.decode_batches, a.nocache_tokens),
+    "load": lambda a, d: bench_load(a.load_dir),
+}
+
+
+def machine(device):
+    if device.type == "cuda":
+        return {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
+    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
+                if l.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    return {"device": f"CPU {cpu}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}",
+            "torch": torch.__version__}
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks of the NEFTune reference implementation.")
     p.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to run (default: all)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"], help="training dtypes (bf16 = autocast)")
+    p.add_argument("--compile", action="store_true", help="also time torch.compile'd blocks")
+    p.add_argument("--seq-len", type=int, default=512)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--min-time", type=float, default=10.0, help="seconds of timed training steps per variant")
+    p.add_argument("--dim", type=int, help="override the model width (tiny runs: tests)")
+    p.add_argument("--n-layers", type=int)
+    p.add_argument("--n-heads", type=int)
+    p.add_argument("--vocab", type=int)
+    p.add_argument("--decode-dtype", choices=list(DTYPES), default="bf16" if torch.cuda.is_available() else "fp32")
+    p.add_argument("--new-tokens", type=int, default=256)
+    p.add_argument("--prompt-len", type=int, default=32)
+    p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--nocache-tokens", type=int, default=256, help="tokens of the no-cache reference loop")
+    p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--load-dir", default="/tmp/neftune_bench_ckpt",
                    help="cache folder for the generated checkpoint of the load bench (reused if present)")
     p.add_argument("--out", default="bench.json", help="results, merged into the file's existing parts")
@@ -120,11 +317,15 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.load_child:
         return load_child(a.load_child)
-    results = {name: PARTS[name](a) for name in a.only}
-    for name, res in results.items():
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    device = torch.device(a.device)
+    results = {"machine": machine(device)}
+    for name in a.only:
+        results[name] = PARTS[name](a, device)
         print(f"== {name}")
-        for k, v in res.items():
-            print(f"  {k:<16} {v}")
+        for k, v in results[name].items():
+            print(f"  {k:<36} {v}")
     out = Path(a.out)
     old = json.loads(out.read_text()) if out.is_file() else {}
     out.write_text(json.dumps({**old, **results}, indent=2) + "\n")

@@ -294,7 +294,7 @@ def train_one(args, out, alpha, kind, rank, world, device, log=print):
         raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, fewer than one global batch of {args.batch_size}")
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     model = build_model(args, tok, device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(math.ceil(args.warmup * total_steps), total_steps))
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
 
