@@ -88,16 +88,16 @@ def train_step_fn(model, opt, tokens, mask, dtype, device, alpha):
     return step
 
 
-def bench_train(cfg, dtypes, compile_modes, device, seq_len, batch_size, min_time):
+def bench_train(cfg, dtypes, compile_modes, device, seq_len, batch_size, min_time, peak_n=4096):
     """Tokens/s and MFU of full training steps (noise on, alpha 5) for each dtype x eager/compile."""
     args = ModelArgs(**cfg)
     flops_tok = model_flops_per_token(args, seq_len)
     out = {"config": {**cfg, "seq_len": seq_len, "batch_size": batch_size}, "flops_per_token": flops_tok, "runs": {}}
+    peaks = {name: matmul_peak(DTYPES[name], device, peak_n) for name in {"fp32", *dtypes}}
     for name in dtypes:
-        dtype = DTYPES[name]
-        peak = matmul_peak(dtype, device)
+        dtype, peak = DTYPES[name], peaks[name]
         out[f"matmul_peak_{name}_tflops"] = round(peak / 1e12, 4)
-        if name == "bf16" and device.type == "cpu" and peak < matmul_peak(torch.float32, device):
+        if name == "bf16" and device.type == "cpu" and peak < peaks["fp32"]:
             out["runs"][name] = "skipped: this CPU's bf16 matmul is slower than fp32 (no AMX / AVX512-BF16 units)"
             continue
         for compiled in compile_modes:
@@ -138,7 +138,7 @@ def bench_noise(cfg, device, seq_len, batch_size, min_time):
             "neftune_over_step": round(t_noise / t0, 5), "step_ratio_alpha5_over_alpha0": round(t5 / t0, 4)}
 
 
-def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, nocache_tokens):
+def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, nocache_tokens, copy_mb=1024):
     """Decode tokens/s through sample.generate against the memory-bandwidth limit (every token reads
     every weight once: bandwidth / weight bytes), and against a loop without the KV cache."""
     dtype = DTYPES[dtype_name]
@@ -146,7 +146,7 @@ def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, n
     torch.manual_seed(0)
     model = Transformer(args).to(device, dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
-    bw = copy_bandwidth(device)
+    bw = copy_bandwidth(device, copy_mb << 20)
     out = {"config": cfg, "dtype": dtype_name, "n_params": model.num_params(), "weight_gb": round(weight_bytes / 1e9, 3),
            "copy_bandwidth_gb_s": round(bw / 1e9, 2), "bandwidth_limit_tokens_per_s_batch1": round(bw / weight_bytes, 2)}
     prompts = lambda b: torch.randint(3, args.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
@@ -274,10 +274,10 @@ def size_cfg(cfg, a):
 
 PARTS = {
     "train": lambda a, d: bench_train(size_cfg(TRAIN_CFG, a), a.dtypes, [False, True] if a.compile else [False], d,
-                                      a.seq_len, a.batch_size, a.min_time),
+                                      a.seq_len, a.batch_size, a.min_time, a.peak_n),
     "noise": lambda a, d: bench_noise(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.min_time),
     "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode_dtype, a.new_tokens,
-                                        a.prompt_len, a.decode_batches, a.nocache_tokens),
+                                        a.prompt_len, a.decode_batches, a.nocache_tokens, a.copy_mb),
     "load": lambda a, d: bench_load(a.load_dir),
 }
 
@@ -309,6 +309,8 @@ def main(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
     p.add_argument("--nocache-tokens", type=int, default=256, help="tokens of the no-cache reference loop")
+    p.add_argument("--peak-n", type=int, default=4096, help="largest square size for the matmul peak")
+    p.add_argument("--copy-mb", type=int, default=1024, help="size of the bandwidth-measuring copy")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--load-dir", default="/tmp/neftune_bench_ckpt",
                    help="cache folder for the generated checkpoint of the load bench (reused if present)")

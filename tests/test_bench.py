@@ -1,0 +1,33 @@
+"""bench.py on a tiny config, so it cannot rot: its JSON must hold sane, self-consistent figures."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_bench_tiny_config(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--only", "train", "noise", "decode", "--dim", "64", "--n-layers", "2",
+           "--n-heads", "4", "--vocab", "256", "--seq-len", "32", "--batch-size", "2", "--min-time", "0.1",
+           "--dtypes", "fp32", "--peak-n", "512", "--copy-mb", "64", "--new-tokens", "8", "--nocache-tokens", "8",
+           "--decode-batches", "1", "4", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    r = json.loads(out.read_text())
+    train = r["train"]
+    run = train["runs"]["fp32"]
+    assert train["matmul_peak_fp32_tflops"] > 0 and run["tokens_per_s"] > 0
+    assert 0 < run["mfu"] < 1
+    # MFU is tokens/s x FLOPs/token / peak, and tokens/s is batch x seq / step time
+    assert abs(run["tokens_per_s"] - 2 * 32 / run["step_s"]) / run["tokens_per_s"] < 0.01
+    assert abs(run["mfu"] - run["tokens_per_s"] * train["flops_per_token"] / (train["matmul_peak_fp32_tflops"] * 1e12)) < 0.01
+    # 6N + 12 L d T for dim 64, 2 layers, seq 32, vocab 256 (FFN hidden 256: int(2*4*64/3)=170 -> 256)
+    n = 2 * 256 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 256 + 2 * 64) + 64
+    assert train["flops_per_token"] == 6 * n + 12 * 2 * 64 * 32
+    noise = r["noise"]
+    assert noise["neftune_ms"] > 0 and 0 < noise["neftune_over_step"] < 1
+    d = r["decode"]
+    assert d["n_params"] == n and d["copy_bandwidth_gb_s"] > 0
+    assert d["tokens_per_s_batch1"] > 0 and d["tokens_per_s_batch4"] > 0 and d["nocache_tokens_per_s_batch1"] > 0
+    assert 0 < d["fraction_of_bandwidth_limit_batch1"] < 1
