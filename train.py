@@ -35,7 +35,7 @@ from noise import KINDS, neftune
 # small-model recipe for the built-in demo that learns visibly in two minutes on a CPU.
 RECIPES = {
     "paper": dict(lr=5e-5, batch_size=128, micro_batch_size=4, epochs=3, max_len=512, eval_every=50, save_every=200),
-    "demo": dict(lr=2e-3, batch_size=32, micro_batch_size=16, epochs=2, max_len=128, eval_every=25, save_every=100),
+    "demo": dict(lr=2e-3, batch_size=32, micro_batch_size=16, epochs=1, max_len=128, eval_every=25, save_every=100),
 }
 
 
