@@ -118,7 +118,7 @@ def bench_train(cfg, dtypes, compile_modes, device, seq_len, batch_size, min_tim
     return out
 
 
-def bench_noise(cfg, device, seq_len, batch_size, min_time):
+def bench_noise(cfg, device, seq_len, batch_size, rounds):
     """NEFTune's cost: neftune() alone and a full step with alpha 5 over alpha 0 (target < 1.01)."""
     args = ModelArgs(**cfg)
     torch.manual_seed(0)
@@ -129,10 +129,15 @@ def bench_noise(cfg, device, seq_len, batch_size, min_time):
     embeds = torch.randn(batch_size, seq_len, args.dim, device=device)
     t_noise = timed(lambda: neftune(embeds, mask, 5.0), device, min_time=0.5)
     steps = {a: train_step_fn(model, opt, tokens, mask, torch.float32, device, alpha=a) for a in (0.0, 5.0)}
+    for fn in steps.values():
+        fn()  # warm-up
     times = {0.0: [], 5.0: []}
-    for _ in range(3):  # interleaved, so drift on a shared machine hits both alike
+    for _ in range(rounds):  # one step each in turn, so drift on a shared machine hits both alike
         for a, fn in steps.items():
-            times[a].append(timed(fn, device, min_time=min_time / 6, min_reps=1))
+            t = time.perf_counter()
+            fn()
+            sync(device)
+            times[a].append(time.perf_counter() - t)
     t0, t5 = min(times[0.0]), min(times[5.0])
     return {"neftune_ms": round(1e3 * t_noise, 3), "step_ms_alpha0": round(1e3 * t0, 1), "step_ms_alpha5": round(1e3 * t5, 1),
             "neftune_over_step": round(t_noise / t0, 5), "step_ratio_alpha5_over_alpha0": round(t5 / t0, 4)}
@@ -275,7 +280,7 @@ def size_cfg(cfg, a):
 PARTS = {
     "train": lambda a, d: bench_train(size_cfg(TRAIN_CFG, a), a.dtypes, [False, True] if a.compile else [False], d,
                                       a.seq_len, a.batch_size, a.min_time, a.peak_n),
-    "noise": lambda a, d: bench_noise(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.min_time),
+    "noise": lambda a, d: bench_noise(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.noise_rounds),
     "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode_dtype, a.new_tokens,
                                         a.prompt_len, a.decode_batches, a.nocache_tokens, a.copy_mb),
     "load": lambda a, d: bench_load(a.load_dir),
@@ -300,6 +305,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-time", type=float, default=10.0, help="seconds of timed training steps per variant")
+    p.add_argument("--noise-rounds", type=int, default=6, help="alternating alpha 0 / alpha 5 steps timed")
     p.add_argument("--dim", type=int, help="override the model width (tiny runs: tests)")
     p.add_argument("--n-layers", type=int)
     p.add_argument("--n-heads", type=int)

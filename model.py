@@ -116,7 +116,8 @@ class Attention(nn.Module):
         if self.n_kv_heads != self.n_heads:  # GQA: query head h reads KV head h // n_rep (Meta's repeat_kv)
             n_rep = self.n_heads // self.n_kv_heads
             k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None)
+        # no mask: causal within the block, or one new token that may see every cached key
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -152,10 +153,11 @@ class TransformerBlock(nn.Module):
 
 
 def attention_mask(T, start, mask, segment_ids, device):
-    """None for a plain causal batch (SDPA's fast path), else a (B, 1, T, start+T) bool mask,
-    True where query i may attend to key j: causal, not a padding key (mask), same document
-    (segment_ids). Every query may see itself, so padding rows never become all-masked (NaN)."""
-    if mask is None and segment_ids is None and start == 0:
+    """None when SDPA needs no mask (a plain causal batch, or one decoded token without padding:
+    its fast kernels), else a (B, 1, T, start+T) bool mask, True where query i may attend to key j:
+    causal, not a padding key (mask), same document (segment_ids). Every query may see itself,
+    so padding rows never become all-masked (NaN)."""
+    if mask is None and segment_ids is None and (start == 0 or T == 1):
         return None
     q_idx = torch.arange(start, start + T, device=device)[:, None]
     k_idx = torch.arange(start + T, device=device)[None, :]

@@ -97,9 +97,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     out = torch.zeros(B, N, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    key_mask = mask if bool((pad > 0).any()) else None  # no padding: SDPA's mask-free kernels
     model.setup_cache(B, P + N - 1)  # the last chosen token is never fed back
     try:
-        logits = model(tokens, mask=mask[:, :P], positions=positions, cache_pos=0)[:, -1]
+        logits = model(tokens, mask=None if key_mask is None else key_mask[:, :P], positions=positions, cache_pos=0)[:, -1]
         for step in range(N):
             tok = next_token(logits, seen, temperature, top_p, repetition_penalty, generator)
             out[:, step] = tok
@@ -114,7 +115,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
             if step == N - 1 or bool(done.all()):  # one sync per step: cheap next to a forward pass
                 break
             t = P + step
-            logits = model(tok[:, None], cache_pos=t, mask=mask[:, :t + 1], positions=(t - pad)[:, None])[:, -1]
+            step_mask = None if key_mask is None else key_mask[:, :t + 1]
+            logits = model(tok[:, None], cache_pos=t, mask=step_mask, positions=(t - pad)[:, None])[:, -1]
     finally:
         model.clear_cache()
         model.train(was_training)

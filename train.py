@@ -112,7 +112,7 @@ def all_sum(*xs, device):
 
 # ----------------------------------------------------------------------------- data
 
-def build_data(args, out, rank):
+def build_data(args, tok_dir, rank):
     """Tokenizer, train examples, fixed clean-loss subsets. Every rank builds the same lists."""
     if args.init:
         if not Path(args.init).is_dir():
@@ -121,7 +121,7 @@ def build_data(args, out, rank):
         if tok_path is None:
             raise UserError(f"{args.init}: no tokenizer.model beside the weights or one level up")
     else:
-        tok_path = out / "tokenizer.model"
+        tok_path = tok_dir / "tokenizer.model"  # trained once, shared by the runs of a sweep
         if rank == 0 and not tok_path.exists():
             data.builtin_tokenizer(tok_path, seed=args.seed)
         dist.barrier()
@@ -284,10 +284,10 @@ def lr_lambda(warmup, total):
     return f
 
 
-def train_one(args, out, alpha, kind, rank, world, device, log=print):
+def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
     dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and dtype == torch.bfloat16 else nullcontext()
-    tok, tok_path, train, clean_train, held_out = build_data(args, out.parent if out.name.startswith("alpha_") else out, rank)
+    tok, tok_path, train, clean_train, held_out = build_data(args, tok_dir, rank)
     per_rank = args.batch_size // world
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
@@ -297,6 +297,8 @@ def train_one(args, out, alpha, kind, rank, world, device, log=print):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(math.ceil(args.warmup * total_steps), total_steps))
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
+    clean_losses = lambda: {"clean_train_loss": clean_loss(model, clean_train, args, rank, world, device, autocast, tok.pad_id),
+                            "eval_loss": clean_loss(model, held_out, args, rank, world, device, autocast, tok.pad_id)}
 
     step = tokens_seen = 0
     if args.resume and checkpoints(out):
@@ -346,8 +348,7 @@ def train_one(args, out, alpha, kind, rank, world, device, log=print):
         record = dict(step=step, epoch=round(step / steps_per_epoch, 4), lr=lr, loss=train_loss, grad_norm=grad_norm,
                       tokens=int(tokens_seen), tokens_per_s=round(n_tok / dt, 1))
         if step % args.eval_every == 0 or step == total_steps:
-            record["clean_train_loss"] = clean_loss(model, clean_train, args, rank, world, device, autocast, tok.pad_id)
-            record["eval_loss"] = clean_loss(model, held_out, args, rank, world, device, autocast, tok.pad_id)
+            record |= clean_losses()
         if rank == 0 and (step % args.log_every == 0 or "eval_loss" in record):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
@@ -357,8 +358,7 @@ def train_one(args, out, alpha, kind, rank, world, device, log=print):
             save_checkpoint(out, model, opt, sched, step, int(tokens_seen), rank, args.keep)
     pbar.close()
     if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
-        record["clean_train_loss"] = clean_loss(model, clean_train, args, rank, world, device, autocast, tok.pad_id)
-        record["eval_loss"] = clean_loss(model, held_out, args, rank, world, device, autocast, tok.pad_id)
+        record |= clean_losses()
     export_final(out, model, tok_path, rank, torch.float32 if args.export_dtype == "fp32" else torch.bfloat16)
     return dict(alpha=alpha, noise=kind, clean_train_loss=record.get("clean_train_loss"), eval_loss=record.get("eval_loss"),
                 tokens_per_s=sum(speeds) / max(len(speeds), 1))
@@ -392,7 +392,7 @@ def main(argv=None):
             if rank == 0:
                 run_out.mkdir(parents=True, exist_ok=True)
             dist.barrier()
-            results.append(train_one(args, run_out, alpha, kind, rank, world, device, log))
+            results.append(train_one(args, run_out, out, alpha, kind, rank, world, device, log))
         if len(runs) > 1 and rank == 0:
             write_sweep(out, results)
             log((out / "sweep.md").read_text())

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_tiny_config(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--only", "train", "noise", "decode", "--dim", "64", "--n-layers", "2",
-           "--n-heads", "4", "--vocab", "256", "--seq-len", "32", "--batch-size", "2", "--min-time", "0.1",
+           "--n-heads", "4", "--vocab", "256", "--seq-len", "32", "--batch-size", "2", "--min-time", "0.1", "--noise-rounds", "2",
            "--dtypes", "fp32", "--peak-n", "512", "--copy-mb", "64", "--new-tokens", "8", "--nocache-tokens", "8",
            "--decode-batches", "1", "4", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)

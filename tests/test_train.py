@@ -13,7 +13,7 @@ import torch
 
 import data
 import train
-from model import ModelArgs, Transformer, Tokenizer, load_meta
+from model import ModelArgs, Tokenizer, Transformer, load_meta, save_meta
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ["--dim", "64", "--n-layers", "2", "--n-heads", "4", "--max-len", "128", "--dtype", "fp32",
@@ -176,3 +176,41 @@ def test_refuses_non_empty_out_and_stops_on_nan(tmp_path):
     dcp_to_torch_save(ckpts[-1], tmp_path / "last.pt")
     sd = torch.load(tmp_path / "last.pt", weights_only=True)["model"]
     assert all(torch.isfinite(v).all() for v in sd.values())
+
+
+def _meta_folder(root, vocab_extra=0):
+    """A tiny model in Meta's layout: weights in root/tiny/, tokenizer.model one level up."""
+    tok = data.builtin_tokenizer(root / "tokenizer.model", seed=3)
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words + vocab_extra, multiple_of=32))
+    save_meta(m, root / "tiny", dtype=torch.float32)
+    return root / "tiny", tok, m
+
+
+def test_finetune_meta_checkpoint_with_eval_file(tmp_path):
+    ckpt, tok, init = _meta_folder(tmp_path)
+    recs = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(40)]
+    held = [{"instruction": f"What is {i} + 3?", "output": f"{i} + 3 = {i + 3}"} for i in range(6)]
+    (tmp_path / "train.json").write_text(json.dumps(recs))
+    (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
+    # lr 0: the weights stay those of --init, so the logged clean eval loss must equal the loss of
+    # the checkpoint's model on the eval file, computed here directly
+    p = run(["--init", str(ckpt), "--data", str(tmp_path / "train.json"), "--eval-data", str(tmp_path / "eval.jsonl"),
+             "--out", str(tmp_path / "o"), "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4", "--lr", "0"])
+    settings = next(l for l in p.stdout.splitlines() + p.stderr.splitlines() if l.startswith("settings:"))
+    assert "epochs=3 " in settings and "save_every=200 " in settings  # the paper recipe with --init
+    examples = data.load_dataset(tmp_path / "eval.jsonl", tok, "alpaca", 128, verbose=False)
+    b = data.collate(examples, tok.pad_id)
+    with torch.no_grad():
+        direct = train.response_loss_sum(init(b["input_ids"], mask=b["mask"]), b["labels"]).item()
+    n = int((b["labels"][:, 1:] != -100).sum())
+    assert math.isclose(log(tmp_path / "o")[-1]["eval_loss"], direct / n, rel_tol=1e-5)
+
+
+def test_tokenizer_that_does_not_match_the_model(tmp_path):
+    ckpt, _, _ = _meta_folder(tmp_path, vocab_extra=8)
+    (tmp_path / "train.json").write_text(json.dumps([{"instruction": "a", "output": "b"}] * 16))
+    p = run(["--init", str(ckpt), "--data", str(tmp_path / "train.json"), "--out", str(tmp_path / "o"),
+             "--batch-size", "8", "--micro-batch-size", "4"], check=False)
+    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    assert p.returncode == 2 and len(lines) == 1 and "tokenizer.model" in lines[0] and "1008" in lines[0], p.stderr
