@@ -372,7 +372,7 @@ def write_sweep(out, results):
 
 
 def main(argv=None):
-    rank = 0
+    rank = int(os.environ.get("RANK", 0))  # known before the process group: errors print once
     try:
         args = parse_args(argv)
         rank, world, device = setup_distributed()

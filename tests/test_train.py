@@ -214,3 +214,10 @@ def test_tokenizer_that_does_not_match_the_model(tmp_path):
              "--batch-size", "8", "--micro-batch-size", "4"], check=False)
     lines = [l for l in p.stderr.splitlines() if l.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "tokenizer.model" in lines[0] and "1008" in lines[0], p.stderr
+
+
+def test_error_under_torchrun_is_printed_once_and_nothing_hangs(tmp_path):
+    p = run(["--out", str(tmp_path / "o"), "--batch-size", "6", "--micro-batch-size", "4"], nproc=2, check=False)
+    # every rank exits 2; torchrun itself then reports the failed children and exits 1
+    assert p.returncode != 0 and p.stderr.count("train.py: error:") == 1, p.stderr[-2000:]
+    assert "world size 2" in p.stderr
