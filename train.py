@@ -54,9 +54,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-frac", type=float, default=0.02)
     p.add_argument("--format", choices=("alpaca", "sharegpt", "messages"), help="data format (default: detected)")
     p.add_argument("--template", choices=data.TEMPLATES, help="prompt template (default: alpaca for Alpaca data, else vicuna)")
-    p.add_argument("--dim", type=int, default=256, help="width of the from-scratch model (no --init)")
-    p.add_argument("--n-layers", type=int, default=4, help="depth of the from-scratch model (no --init)")
-    p.add_argument("--n-heads", type=int, default=4, help="heads of the from-scratch model (no --init)")
+    for k, v in (("dim", 256), ("n-layers", 4), ("n-heads", 4)):
+        p.add_argument("--" + k, type=int, default=v, help="shape of the from-scratch model (without --init)")
     p.add_argument("--pack", action="store_true", help="pack several examples per row (document-aware attention and noise)")
     for k in ("max_len", "epochs", "batch_size", "micro_batch_size", "eval_every", "save_every"):
         p.add_argument("--" + k.replace("_", "-"), type=int, help="default: 'paper' recipe with --init, else 'demo'")
@@ -301,9 +300,10 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
                             "eval_loss": clean_loss(model, held_out, args, rank, world, device, autocast, tok.pad_id)}
 
     step = tokens_seen = 0
-    if args.resume and checkpoints(out):
-        step, tokens_seen = load_checkpoint(checkpoints(out)[-1], model, opt, sched, rank)
-        log(f"resumed from {checkpoints(out)[-1]} at step {step}")
+    saved = checkpoints(out) if args.resume else []
+    if saved:
+        step, tokens_seen = load_checkpoint(saved[-1], model, opt, sched, rank)
+        log(f"resumed from {saved[-1]} at step {step}")
     log_path = out / "log.jsonl"
     if rank == 0:  # keep the log consistent with the checkpoint: drop steps a killed run logged past it
         old = log_path.read_text().splitlines() if log_path.exists() else []
@@ -313,11 +313,13 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
         f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params, {str(dtype)[6:]} on {device.type}")
 
     pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    speeds, record = [], {}
+    speeds, record, order_epoch = [], {}, None
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
-        sampler.set_epoch(epoch)  # the data order is a function of (seed, epoch): resume is exact
-        mine = list(sampler)[offset * per_rank: (offset + 1) * per_rank]
+        if epoch != order_epoch:  # the data order is a function of (seed, epoch): resume is exact
+            sampler.set_epoch(epoch)
+            order, order_epoch = list(sampler), epoch
+        mine = order[offset * per_rank: (offset + 1) * per_rank]
         micro = [data.collate([train[i] for i in mine[j: j + args.micro_batch_size]], tok.pad_id) | {"index": mine[j: j + args.micro_batch_size]}
                  for j in range(0, per_rank, args.micro_batch_size)]
         n_resp, n_tok = all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
