@@ -16,7 +16,7 @@ from model import CheckpointError, Tokenizer
 
 IGNORE = -100  # the label F.cross_entropy skips (its default ignore_index)
 FORMATS = ("alpaca", "sharegpt", "messages")
-TEMPLATES = ("alpaca", "llama2-chat", "vicuna")
+TEMPLATES = ("alpaca", "llama2-chat", "vicuna", "llama3-chat")
 # ShareGPT "from" values. The FastChat demo file has only human/gpt; raw ShareGPT dumps also name
 # the assistant after the site it came from (chatgpt, bing, bard).
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -143,10 +143,12 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 
 
 class Special(str):
-    """<s> or </s> inside a template: stands for the token id, never encoded as text."""
+    """<s>, </s> or a LLaMA-3 control token inside a template: stands for the token id, never encoded as text."""
 
 
 BOS, EOS = Special("<s>"), Special("</s>")
+# Meta's LLaMA-3 chat format (llama-models ChatFormat); <|begin_of_text|> is the tokenizer's BOS
+START_HEADER, END_HEADER, EOT = Special("<|start_header_id|>"), Special("<|end_header_id|>"), Special("<|eot_id|>")
 
 
 def default_template(fmt):
@@ -188,6 +190,17 @@ def pieces(messages, template):
             out += [(BOS, False), (f"{B_INST} {text.strip()} {E_INST}", False)]  # every turn opens with <s>
             if answer is not None:
                 out += [(answer.strip(), True), (EOS, True)]  # Meta strips the answer too
+    elif template == "llama3-chat":
+        # <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|> per message; a prompt ends
+        # with an open assistant header. Role, "\n\n" and content are encoded apart, as Meta does.
+        header = lambda role: [(START_HEADER, False), (role, False), (END_HEADER, False), ("\n\n", False)]
+        out.append((BOS, False))
+        if system is not None:
+            out += header("system") + [(system.strip(), False), (EOT, False)]
+        for user, answer in turns:
+            out += header("user") + [(user_text(user).strip(), False), (EOT, False)] + header("assistant")
+            if answer is not None:
+                out += [(answer.strip(), True), (EOT, True)]  # the answer and the <|eot_id|> ending it
     elif template == "vicuna":
         out.append((BOS, False))
         for k, (user, answer) in enumerate(turns):
@@ -202,8 +215,9 @@ def pieces(messages, template):
 
 def render(messages, template):
     """The conversation as one string in each format's usual notation. The space before each answer
-    is sentencepiece's dummy prefix: the answer is encoded on its own, so it starts with one."""
-    return "".join(" " + text if trained and not isinstance(text, Special) else text
+    is sentencepiece's dummy prefix: the answer is encoded on its own, so it starts with one
+    (LLaMA-3's tiktoken adds none)."""
+    return "".join(" " + text if trained and not isinstance(text, Special) and template != "llama3-chat" else text
                    for text, trained in pieces(messages, template))
 
 
@@ -215,7 +229,11 @@ def tokenize(messages, tok, template, max_len=512):
     so that the prompt's ids at generation time (prompt_ids) are exactly the ones trained on."""
     ids, labels = [], []
     for text, trained in pieces(messages, template):
-        if isinstance(text, Special):
+        if isinstance(text, Special) and text not in (BOS, EOS):
+            if text not in tok.special_ids:
+                raise ValueError(f"the {template} template needs a LLaMA-3 tokenizer (it has no {text} token)")
+            part = [tok.special_ids[text]]
+        elif isinstance(text, Special):
             part = [tok.bos_id if text == BOS else tok.eos_id]
         else:
             part = tok.encode(text, bos=False)
@@ -376,7 +394,7 @@ def builtin_tokenizer(path, seed=0, vocab_size=1000):
 
     lines = []
     for messages in builtin_records(seed):
-        for template in TEMPLATES:
+        for template in ("alpaca", "llama2-chat", "vicuna"):  # the SentencePiece templates
             # sentencepiece trains on lines; "\n" itself is left to byte fallback, as in LLaMA (<0x0A>)
             lines += render(messages, template).replace("<s>", "\n").replace("</s>", "\n").split("\n")
     model = io.BytesIO()

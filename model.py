@@ -13,7 +13,6 @@ import os
 import shutil
 import sys
 import tempfile
-import warnings
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Optional
@@ -22,9 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-
-class CheckpointError(Exception):
-    """A user-facing problem with a checkpoint or tokenizer file: one line, file named."""
+from tokenizer import CheckpointError, Tokenizer, find_tokenizer  # noqa: F401 (re-exported: `from model import Tokenizer`)
 
 
 @dataclass
@@ -39,14 +36,24 @@ class ModelArgs:  # the fields of Meta's params.json, one to one
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
+    use_scaled_rope: bool = False  # LLaMA-3.1/3.2: Meta's long-context RoPE frequency scaling
 
     @classmethod
     def from_dict(cls, d, source="params.json"):
+        """Any other key could change the math (vision_*, quantization_args, moe_args, lora_args, a
+        rope_scaling dict, ...) and silently wrong logits are the one outcome not allowed: refused.
+        Only keys that change nothing are ignored: IGNORED_PARAMS, or a key whose value is null."""
         known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
-        if unknown:
-            warnings.warn(f"{source}: ignoring unknown keys {unknown}", stacklevel=2)
+        for k in sorted(set(d) - known - IGNORED_PARAMS):
+            if d[k] is not None:
+                raise CheckpointError(f"{source}: key {k!r} changes the model and is not implemented here")
+        if not isinstance(d.get("use_scaled_rope", False), bool):
+            raise CheckpointError(f"{source}: use_scaled_rope must be true or false, got {d['use_scaled_rope']!r}")
         return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Meta's generation-time settings (their ModelArgs has them, some params.json files too): not the model.
+IGNORED_PARAMS = {"max_batch_size"}
 
 
 class RMSNorm(nn.Module):
@@ -61,11 +68,24 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def rope_cos_sin(positions, head_dim, theta):
+def scale_rope_frequencies(inv_freq, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, old_context=8192):
+    """LLaMA-3.1's context extension (apply_scaling in Meta's llama-models, the same constants for
+    every model with use_scaled_rope): rotations with wavelength below old_context/high_freq_factor
+    (2048 positions) are kept, those above old_context/low_freq_factor (8192) slowed down `factor`
+    times, and the band between interpolated linearly in old_context / wavelength."""
+    wavelen = 2 * math.pi / inv_freq
+    smooth = ((old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+
+
+def rope_cos_sin(positions, head_dim, theta, scaled=False):
     """Rotation angles position * theta^(-2i/head_dim) (RoFormer eq. 15), in fp32 like Meta's
-    precompute_freqs_cis. Computed per call from the positions, so packed rows and left-padded
-    generation batches simply pass their own positions; it is a few KB of work."""
+    precompute_freqs_cis; scaled: LLaMA-3.1's frequency scaling. Computed per call from the positions,
+    so packed rows and left-padded generation batches simply pass their own positions; it is a few
+    KB of work."""
     inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
+    if scaled:
+        inv_freq = scale_rope_frequencies(inv_freq)
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     return angles.cos(), angles.sin()
 
@@ -186,25 +206,27 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=0):
+    def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=0, head=None):
         """tokens (B, T) -> logits (B, T, vocab). `noise` is a function applied to the input
         embeddings (B, T, dim) before the first block: that is where NEFTune adds its noise
         (train.py). It is a hook rather than a separate call so FSDP sees one forward.
         mask: (B, start+T) bool, True at real tokens (right- or left-padded batches).
         positions: (B, T) RoPE positions (default start..start+T-1); packed rows restart them
         per document together with segment_ids (B, T). cache_pos: where these T tokens go in the
-        KV cache while generating (setup_cache)."""
+        KV cache while generating (setup_cache). head(h, output) replaces the output layer on the
+        final normed states h: train.py computes the loss there, chunk by chunk, so (B, T, vocab)
+        logits never exist whole (a hook inside forward, again, so that FSDP gathers the output)."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
             h = noise(h)
         B, T, _ = h.shape
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=h.device).expand(B, T)
-        cos, sin = rope_cos_sin(positions, self.args.dim // self.args.n_heads, self.args.rope_theta)
+        cos, sin = rope_cos_sin(positions, self.args.dim // self.args.n_heads, self.args.rope_theta, self.args.use_scaled_rope)
         attn_mask = attention_mask(T, cache_pos, mask, segment_ids, h.device)
         for layer in self.layers:
             h = layer(h, cos, sin, attn_mask, cache_pos)
-        return self.output(self.norm(h))
+        return self.output(self.norm(h)) if head is None else head(self.norm(h), self.output)
 
     def setup_cache(self, batch_size, max_len, dtype=None, device=None):
         p = self.output.weight
@@ -218,40 +240,6 @@ class Transformer(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
-
-
-class Tokenizer:
-    """SentencePiece, LLaMA layout (<unk>=0, <s>=1, </s>=2). LLaMA's tokenizer has no pad piece
-    (pad_id() is -1), so we pad with <unk> (0): padded positions are masked out of attention and
-    carry label -100, so the id never reaches the model's output or the loss."""
-
-    def __init__(self, path):
-        import sentencepiece as spm
-
-        self.path = Path(path)
-        if not self.path.is_file():
-            raise CheckpointError(f"{path}: tokenizer file not found")
-        try:
-            self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
-        except (OSError, RuntimeError) as e:
-            raise CheckpointError(f"{path}: not a SentencePiece model ({str(e).splitlines()[0]})") from None
-        self.n_words = self.sp.vocab_size()
-        self.bos_id, self.eos_id = self.sp.bos_id(), self.sp.eos_id()
-        self.pad_id = self.sp.pad_id() if self.sp.pad_id() >= 0 else self.sp.unk_id()
-
-    def encode(self, text, bos=True, eos=False):
-        return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
-
-    def decode(self, ids):
-        return self.sp.decode([int(i) for i in ids])
-
-
-def find_tokenizer(ckpt_dir):
-    """Meta's download puts tokenizer.model one level above the size folders; ours beside the weights."""
-    for p in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
-        if p.is_file():
-            return p
-    return None
 
 
 # How Meta's model-parallel code split each weight across consolidated.NN.pth (fairscale layers):
@@ -303,6 +291,12 @@ def load_meta(ckpt_dir, dtype=None, device="cpu"):
             raise CheckpointError(f"{ckpt_dir / f'consolidated.{i:02d}.pth'}: missing shard ({len(paths)} found)")
     state = merge_shards([load_weights(p) for p in paths], paths)
     state.pop("rope.freqs", None)  # LLaMA-1 stored its RoPE table; we compute it
+    # Tied output layer (LLaMA-3.2 1B/3B were trained so): no output.weight, as in some exports, or
+    # one tensor stored under both names, as save_meta writes a tied model
+    emb, out = state.get("tok_embeddings.weight"), state.get("output.weight")
+    tied = emb is not None and (out is None or out.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr())
+    if tied:
+        state["output.weight"] = emb
     if args.vocab_size <= 0:
         if "tok_embeddings.weight" not in state:
             raise CheckpointError(f"{paths[0]}: no tok_embeddings.weight")
@@ -325,6 +319,8 @@ def load_meta(ckpt_dir, dtype=None, device="cpu"):
     if dtype is not None:
         state = {k: v.to(dtype) for k, v in state.items()}
     model.load_state_dict(state, assign=True)
+    if tied:  # one Parameter in two places: trained as one, and save_meta writes both keys
+        model.output.weight = model.tok_embeddings.weight
     return model.to(device).eval()
 
 
@@ -341,7 +337,11 @@ def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
     params = {k: v for k, v in args.items() if k not in ("max_seq_len", "rope_theta") and v is not None}
     if args["rope_theta"] != 10000.0:
         params["rope_theta"] = args["rope_theta"]
+    if not args["use_scaled_rope"]:  # LLaMA-1/2's code knows no such key either
+        params.pop("use_scaled_rope")
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.output.weight is model.tok_embeddings.weight:  # tied: one tensor under both of Meta's names
+        state["output.weight"] = state["tok_embeddings.weight"]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
     try:

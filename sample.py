@@ -53,10 +53,11 @@ def next_token(logits, seen, temperature, top_p, repetition_penalty, generator=N
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
              eos_id=None, seed=None, on_token=None):
     """Continue each prompt (a list of token ids; lengths may differ) in one batch -> each prompt's new
-    tokens, cut before EOS. max_new_tokens: an int, or one budget per prompt. Greedy when temperature
-    is 0, else temperature + top-p sampling from a generator seeded by `seed` (the draws depend on the
-    batch's composition; greedy results never do). on_token(row, token_id) is called for every new
-    token as it is chosen (streaming).
+    tokens, cut before the first stop token: eos_id is one id or a collection of ids (LLaMA-3 ends an
+    answer at <|eot_id|>, <|eom_id|> or <|end_of_text|>: Tokenizer.stop_ids). max_new_tokens: an int,
+    or one budget per prompt. Greedy when temperature is 0, else temperature + top-p sampling from a
+    generator seeded by `seed` (the draws depend on the batch's composition; greedy results never do).
+    on_token(row, token_id) is called for every new token as it is chosen (streaming).
 
     Prompts are left-padded so every row's next token sits in the same column: the padded prompt block
     is prefilled once, then each step feeds one token per row at cache position t. `mask` hides the
@@ -97,6 +98,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     out = torch.zeros(B, N, dtype=torch.long, device=device)
     rows = torch.arange(B, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
+    stop = None if eos_id is None else torch.tensor([int(i) for i in eos_id] if hasattr(eos_id, "__iter__") else [int(eos_id)], device=device)
     key_mask = mask if bool((pad > 0).any()) else None  # no padding: SDPA's mask-free kernels
     model.setup_cache(B, P + N - 1)  # the last chosen token is never fed back
     try:
@@ -104,7 +106,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
         for step in range(N):
             tok = next_token(logits, seen, temperature, top_p, repetition_penalty, generator)
             out[:, step] = tok
-            is_eos = tok == eos_id if eos_id is not None else torch.zeros_like(done)
+            is_eos = torch.isin(tok, stop) if stop is not None else torch.zeros_like(done)
             kept = ~done & ~is_eos  # a row's tokens are a prefix of out[i]: n_out counts it
             n_out += kept
             done |= is_eos | (n_out >= budget)
@@ -266,7 +268,7 @@ def main(argv=None):
         print(f"sample.py: warning: {budgets.count(0)} prompt(s) use the whole budget; their answers are empty",
               file=sys.stderr)
     settings = dict(temperature=a.temperature, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                    eos_id=tok.eos_id, seed=a.seed)
+                    eos_id=tok.stop_ids, seed=a.seed)
 
     if records is None:
         stream = TextStream(tok)

@@ -183,6 +183,23 @@ def response_loss_sum(logits, labels):
     return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
 
 
+LOSS_CHUNK = 128  # positions per loss chunk: 4 x 128 tokens of fp32 logits at vocab 128256 are 0.26 GB
+
+
+def chunked_loss_sum(h, output, labels, chunk=LOSS_CHUNK):
+    """response_loss_sum(output(h), labels) without the whole (B, T, vocab) logits ever existing
+    (0.5 MB per token in fp32 at LLaMA-3's vocab 128256): the output layer and the cross-entropy
+    run on `chunk` positions at a time, each checkpointed so that backward, too, recomputes and
+    frees one chunk's logits at a time. h: the model's final normed states (Transformer's head hook)."""
+    h, labels = h[:, :-1], labels[:, 1:]
+    part = lambda h, y: F.cross_entropy(output(h).flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+    total = 0.0
+    for s in range(0, max(h.shape[1], 1), chunk):
+        args = (h[:, s:s + chunk], labels[:, s:s + chunk])
+        total = total + (checkpoint(part, *args, use_reentrant=False) if torch.is_grad_enabled() else part(*args))
+    return total
+
+
 def forward_loss(model, batch, device, autocast, alpha=0.0, kind="uniform", generators=None):
     """Summed response-token loss of one micro-batch. The noise is applied only when the model is
     in training mode: clean losses are computed under model.eval() and can never be noisy."""
@@ -194,8 +211,8 @@ def forward_loss(model, batch, device, autocast, alpha=0.0, kind="uniform", gene
     if model.training and alpha > 0:  # NEFTune: the embeddings get noise in training steps only
         noise = lambda embeds: neftune(embeds, mask, alpha, kind, generator=generators, segment_ids=seg)
     with autocast:
-        logits = model(x, noise=noise, mask=attn_mask, positions=pos, segment_ids=seg)
-    return response_loss_sum(logits, labels)
+        return model(x, noise=noise, mask=attn_mask, positions=pos, segment_ids=seg,
+                     head=lambda h, output: chunked_loss_sum(h, output, labels))
 
 
 @torch.no_grad()
@@ -268,6 +285,8 @@ def export_final(out, model, tok_path, rank, dtype):
         with torch.device("meta"):
             plain = Transformer(model.args)
         plain.load_state_dict(full, assign=True)
+        if model.output.weight is model.tok_embeddings.weight:  # a tied model (load_meta) is exported tied
+            plain.output.weight = plain.tok_embeddings.weight
         save_meta(plain, out / "final", tokenizer_path=tok_path, dtype=dtype)
     dist.barrier()
 
