@@ -1,11 +1,13 @@
 """Speed and memory against the machine's own limits, measured in the same run: training tokens/s
-and MFU, NEFTune's cost, decode tokens/s against memory bandwidth, load_meta's peak memory.
+and MFU, NEFTune's cost, decode tokens/s against memory bandwidth, load_meta's peak memory, the loss's peak
+memory at LLaMA-3's vocabulary (whole logits vs chunked).
 
-    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load
+    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load loss
     python bench.py --only train --compile --dtypes fp32 bf16
 """
 import argparse
 import json
+import os
 import resource
 import subprocess
 import sys
@@ -269,6 +271,47 @@ def bench_load(load_dir="/tmp/neftune_bench_ckpt"):
     }
 
 
+LOSS_CFG = dict(dim=256, n_layers=2, n_heads=4, vocab_size=128256, multiple_of=256)  # a tiny model, LLaMA-3's vocabulary
+
+
+def loss_child(spec):
+    """Runs in a fresh process: peak RSS of one forward + backward of the loss on a random micro-batch,
+    either from whole (B, T, vocab) logits (train.py before chunking) or as train.forward_loss does it."""
+    import train
+
+    s = json.loads(spec)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(**s["cfg"])).train()
+    x = torch.randint(0, s["cfg"]["vocab_size"], (s["batch_size"], s["seq_len"]))
+    batch = {"input_ids": x, "labels": x, "mask": torch.ones_like(x, dtype=torch.bool)}
+    base = peak_rss_bytes()  # model and inputs in memory, nothing computed
+    t0 = time.perf_counter()
+    if s["mode"] == "full_logits":
+        loss = train.response_loss_sum(model(x), x)
+    else:
+        loss = train.forward_loss(model, batch, torch.device("cpu"), nullcontext())
+    loss.backward()
+    print(json.dumps({"baseline_rss": base, "peak_rss": peak_rss_bytes(), "s": time.perf_counter() - t0, "loss": loss.item()}))
+
+
+def bench_loss(cfg, batch_size, seq_len):
+    """Peak memory of the loss's forward + backward above the model's own, whole logits vs chunked
+    (train.LOSS_CHUNK positions at a time, each checkpointed), each in its own child process."""
+    logits_gb = batch_size * seq_len * cfg["vocab_size"] * 4 / 1e9
+    out = {"config": {**cfg, "batch_size": batch_size, "seq_len": seq_len}, "fp32_logits_gb": round(logits_gb, 3)}
+    for mode in ("full_logits", "chunked"):
+        spec = json.dumps({"mode": mode, "cfg": cfg, "batch_size": batch_size, "seq_len": seq_len})
+        # glibc would keep freed blocks and hide what is live; mmap'd blocks go back at free, so
+        # with this threshold the peak RSS is the peak of live tensors
+        r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_loss-child", spec], capture_output=True,
+                           text=True, check=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
+        child = json.loads(r.stdout.strip().splitlines()[-1])
+        out[f"{mode}_peak_above_model_gb"] = round((child["peak_rss"] - child["baseline_rss"]) / 1e9, 3)
+        out[f"{mode}_s"] = round(child["s"], 3)
+        out[f"{mode}_loss"] = child["loss"]
+    return out
+
+
 TRAIN_CFG = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256)  # the issue's default config
 DECODE_CFG = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=256)  # ~134M parameters
 
@@ -284,6 +327,7 @@ PARTS = {
     "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode_dtype, a.new_tokens,
                                         a.prompt_len, a.decode_batches, a.nocache_tokens, a.copy_mb),
     "load": lambda a, d: bench_load(a.load_dir),
+    "loss": lambda a, d: bench_loss(size_cfg(LOSS_CFG, a), a.loss_batch_size, a.seq_len),
 }
 
 
@@ -321,10 +365,14 @@ def main(argv=None):
     p.add_argument("--load-dir", default="/tmp/neftune_bench_ckpt",
                    help="cache folder for the generated checkpoint of the load bench (reused if present)")
     p.add_argument("--out", default="bench.json", help="results, merged into the file's existing parts")
+    p.add_argument("--loss-batch-size", type=int, default=4, help="micro-batch of the loss-memory bench (x --seq-len)")
     p.add_argument("--_load-child", dest="load_child", help=argparse.SUPPRESS)
+    p.add_argument("--_loss-child", dest="loss_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.load_child:
         return load_child(a.load_child)
+    if a.loss_child:
+        return loss_child(a.loss_child)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

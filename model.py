@@ -291,10 +291,10 @@ def load_meta(ckpt_dir, dtype=None, device="cpu"):
             raise CheckpointError(f"{ckpt_dir / f'consolidated.{i:02d}.pth'}: missing shard ({len(paths)} found)")
     state = merge_shards([load_weights(p) for p in paths], paths)
     state.pop("rope.freqs", None)  # LLaMA-1 stored its RoPE table; we compute it
-    # Tied output layer (LLaMA-3.2 1B/3B were trained so): no output.weight, as in some exports, or
-    # one tensor stored under both names, as save_meta writes a tied model
+    # Tied output layer (LLaMA-3.2 1B/3B were trained so, as HF's tie_word_embeddings finetunes them):
+    # no output.weight, as in some exports, or one equal to the embedding, as in Meta's 3.2 files
     emb, out = state.get("tok_embeddings.weight"), state.get("output.weight")
-    tied = emb is not None and (out is None or out.untyped_storage().data_ptr() == emb.untyped_storage().data_ptr())
+    tied = emb is not None and (out is None or (out.shape == emb.shape and torch.equal(out, emb)))
     if tied:
         state["output.weight"] = emb
     if args.vocab_size <= 0:

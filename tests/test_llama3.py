@@ -224,6 +224,14 @@ def test_checkpoint_without_output_weight_loads_tied(llama3, tmp_path):
     again = load_meta(tmp_path / "again")
     assert again.output.weight is again.tok_embeddings.weight
     assert sum(p.numel() for p in again.parameters()) == sum(v.numel() for v in sd.values())
+    # Meta's 3.2 files (as far as we can tell) store output.weight as a separate, equal copy: tied too;
+    # the 3.1-style folder's own output layer is not
+    torch.save(sd | {"output.weight": sd["tok_embeddings.weight"].clone()}, d / "consolidated.00.pth")
+    assert _tied(load_meta(d)) and not _tied(load_meta(ckpt))
+
+
+def _tied(m):
+    return m.output.weight is m.tok_embeddings.weight
 
 
 # ---------------------------------------------------------------- llama3-chat template
@@ -393,3 +401,14 @@ def test_train_tied_checkpoint_stays_tied(llama3, tmp_path):
     assert not torch.equal(emb, model.tok_embeddings.weight)  # trained, as one parameter
     trained = load_meta(out / "final")
     assert trained.output.weight is trained.tok_embeddings.weight
+
+
+def test_bench_loss_memory_part(tmp_path):
+    out = tmp_path / "bench.json"
+    cmd = [sys.executable, "bench.py", "--only", "loss", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--vocab", "32000",
+           "--seq-len", "512", "--loss-batch-size", "2", "--out", str(out)]
+    subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
+    r = json.loads(out.read_text())["loss"]
+    assert r["fp32_logits_gb"] == round(2 * 512 * 32000 * 4 / 1e9, 3)
+    assert math.isclose(r["chunked_loss"], r["full_logits_loss"], rel_tol=1e-5)  # the same loss, two ways
+    assert 0 < r["chunked_peak_above_model_gb"] < r["full_logits_peak_above_model_gb"]
