@@ -417,7 +417,7 @@ def builtin_tokenizer(path, seed=0, vocab_size=1000):
 def main(argv=None):
     p = argparse.ArgumentParser(description="Statistics of an instruction dataset as train.py would see it.")
     p.add_argument("file")
-    p.add_argument("--tokenizer", required=True, help="SentencePiece tokenizer.model")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model (SentencePiece, or LLaMA-3's tiktoken BPE)")
     p.add_argument("--template", choices=TEMPLATES, help="default: alpaca for alpaca data, else vicuna")
     p.add_argument("--format", choices=FORMATS, help="default: detected from the records' keys")
     p.add_argument("--max-len", type=int, default=512)

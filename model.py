@@ -1,10 +1,10 @@
-"""LLaMA-1/2 in one file, loading and saving Meta's own checkpoint folders.
+"""LLaMA-1/2/3.x in one file, loading and saving Meta's own checkpoint folders.
 
     python model.py llama-2-7b/ --prompt "The capital of France is"
 
 Reads top to bottom like Meta's llama/model.py: ModelArgs (= params.json), RMSNorm, RoPE,
-Attention (GQA + KV cache), FeedForward (SwiGLU), the Transformer; then Tokenizer, load_meta
-(merges Meta's model-parallel shards) and save_meta (writes Meta's layout back).
+Attention (GQA + KV cache), FeedForward (SwiGLU), the Transformer; then load_meta (merges
+Meta's model-parallel shards) and save_meta (writes Meta's layout back). The tokenizer is in tokenizer.py.
 """
 import argparse
 import json
