@@ -125,8 +125,9 @@ def find_tokenizer(ckpt_dir):
 if __name__ == "__main__":
     try:
         tok = Tokenizer(sys.argv[1])
-    except CheckpointError as e:
-        sys.exit(f"tokenizer.py: error: {e}")
+    except (CheckpointError, IndexError) as e:
+        print(f"tokenizer.py: error: {e if isinstance(e, CheckpointError) else 'usage: tokenizer.py TOKENIZER_FILE [TEXT]'}", file=sys.stderr)
+        sys.exit(2)
     ids = tok.encode(" ".join(sys.argv[2:]) or "Hello world")
     print(f"{tok.kind}, {tok.n_words} ids, bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}, stop {tok.stop_ids}")
     print(ids)

@@ -334,7 +334,9 @@ def test_sample_llama3_chat_stops_at_eot(llama3, tmp_path, monkeypatch, capsys):
     run = lambda eos: sample.generate(model, [prompt], 6, repetition_penalty=1.2, eos_id=eos)[0]
     assert run(tok.stop_ids) == X + Y == run(eot)
     assert run(tok.eos_id) == X + Y + [eot] * 4  # <|end_of_text|> alone does not end a chat answer
-    # the command line: streamed and --prompts outputs hold the text only
+    # the command line passes every stop id; streamed and --prompts outputs hold the text only
+    stops, real = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **k: stops.append(k["eos_id"]) or real(*a, **k))
     assert sample.main(["--ckpt", str(ckpt), "--prompt", "Say hi.", "--template", "llama3-chat", "--max-new-tokens", "6"]) == 0
     assert capsys.readouterr().out == "XY\n"
     (tmp_path / "p.json").write_text(json.dumps([{"instruction": "Say hi."}]))
@@ -342,6 +344,7 @@ def test_sample_llama3_chat_stops_at_eot(llama3, tmp_path, monkeypatch, capsys):
     assert sample.main(["--ckpt", str(ckpt), "--prompts", str(tmp_path / "p.json"), "--out", str(out),
                         "--template", "llama3-chat", "--max-new-tokens", "6"]) == 0
     assert json.loads(out.read_text())[0]["output"] == "XY"
+    assert stops == [tok.stop_ids] * 2
 
 
 # ---------------------------------------------------------------- train.py --init under torchrun
