@@ -22,10 +22,21 @@ NAMED_SPECIAL_TOKENS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_spec
 SPECIAL_TOKENS = NAMED_SPECIAL_TOKENS + [f"<|reserved_special_token_{2 + i}|>"
                                          for i in range(NUM_SPECIAL_TOKENS - len(NAMED_SPECIAL_TOKENS))]
 RANK_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")  # one line of a tiktoken BPE file
+# tiktoken's Rust side fails on very long inputs and very long runs of (non-)whitespace: Meta cuts
+# the text into calls of at most 400k characters, and such runs every 25k characters (a long
+# base64 blob in a ShareGPT dump is one)
+MAX_ENCODE_CHARS, MAX_RUN_CHARS = 400_000, 25_000
 
 
 class CheckpointError(Exception):
     """A user-facing problem with a checkpoint or tokenizer file: one line, file named."""
+
+
+def cut_long_runs(text, n=MAX_RUN_CHARS):
+    """text -> pieces, cut only inside runs of whitespace or non-whitespace longer than n characters."""
+    long_runs = re.finditer(rf"\s{{{n + 1},}}|\S{{{n + 1},}}", text)  # a maximal run: it starts where its kind does
+    cuts = [m.start() + k for m in long_runs for k in range(n, len(m.group()), n)]
+    return [text[a:b] for a, b in zip([0] + cuts, cuts + [len(text)])]
 
 
 def read_bpe_ranks(path, blob):
@@ -103,7 +114,8 @@ class Tokenizer:
         else:
             # allowed_special=set(): "<|eot_id|>" written in the data is text, never the control token;
             # disallowed_special=(): ...and no error for it either (tiktoken's default raises).
-            ids = self.tiktoken.encode(text, allowed_special=set(), disallowed_special=())
+            pieces = [p for i in range(0, len(text), MAX_ENCODE_CHARS) for p in cut_long_runs(text[i:i + MAX_ENCODE_CHARS])]
+            ids = [t for p in pieces for t in self.tiktoken.encode(p, allowed_special=set(), disallowed_special=())]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids):

@@ -89,6 +89,21 @@ def test_pretokenizer_is_metas_regex(llama3):
     assert tok.encode(text, bos=False) == [i for w in words for i in tok.encode(w, bos=False)]
 
 
+def test_long_runs_are_cut_as_meta_does(llama3):
+    _, tok, _ = llama3
+    # Meta cuts a run of one kind (here a 60k-letter word) every 25k characters before tiktoken; a
+    # 3-letter token repeated is then cut mid-token (25k = 3 x 8333 + 1), which changes the ids
+    words = [w for w in (tok.decode([i]) for i in range(256, tok.n_base)) if w.isalpha() and len(w) == 3]
+    changed = 0
+    for w in words[:5]:
+        text = "x " + w * 20_000 + " b"
+        pieces = [text[:25_002], text[25_002:50_002], text[50_002:]]  # the word starts at 2
+        ids = tok.encode(text, bos=False)
+        assert ids == [i for p in pieces for i in tok.tiktoken.encode(p)] and tok.decode(ids) == text
+        changed += ids != tok.tiktoken.encode(text)
+    assert changed > 0
+
+
 def test_special_token_text_is_plain_text(llama3):
     _, tok, _ = llama3
     for text in ("<|eot_id|>", "<|begin_of_text|>hi", "a <|start_header_id|>user<|end_header_id|> b"):
