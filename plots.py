@@ -47,7 +47,7 @@ def plot_curves(runs, path, title=None):
             drawn.setdefault((alpha, kind), {"color": line.get_color(), "linestyle": line.get_linestyle()})[metric] = \
                 tuple(list(v) for v in line.get_data())
     for ax, (_, label) in zip(axes, METRICS):
-        ax.set(xlabel="step", ylabel=label, title=label)
+        ax.set(xlabel="optimizer step", ylabel="loss per response token", title=label)
         ax.grid(alpha=0.3)
         ax.legend()
     if title:

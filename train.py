@@ -1,6 +1,7 @@
 """Instruction finetuning with NEFTune: one readable FSDP2 loop, under torchrun or plain python.
 
     torchrun --standalone --nproc_per_node=2 train.py --alpha 5        # built-in demo, ~2 min on 2 CPUs
+    python train.py --recipe fig4 --alpha 0 5 --out out/fig4             # the paper's Figure 4 on a CPU: out/fig4/curves.png
     torchrun --nproc_per_node=8 train.py --init llama-2-7b --data alpaca_data.json --alpha 5 --out out/neft
 
 A batch's path: data.py -> tokens -> model.tok_embeddings -> noise.neftune (training only) -> rest
@@ -38,8 +39,8 @@ from noise import KINDS, neftune
 RECIPES = {
     "paper": dict(lr=5e-5, batch_size=128, micro_batch_size=4, epochs=3, max_len=512, eval_every=50, save_every=200),
     "demo": dict(lr=2e-3, batch_size=32, micro_batch_size=16, epochs=1, max_len=128, eval_every=25, save_every=100),
-    "fig4": dict(lr=2e-3, batch_size=32, micro_batch_size=32, epochs=20, max_len=128, eval_every=10, save_every=1000,
-                 dim=128, n_layers=4, n_heads=4, builtin="facts", builtin_size=600, eval_frac=0.2),
+    "fig4": dict(lr=3e-3, batch_size=16, micro_batch_size=16, epochs=40, max_len=128, eval_every=28, save_every=1000,
+                 dim=64, n_layers=4, n_heads=4, builtin="facts", builtin_size=340, eval_frac=0.3, template="llama2-chat"),
 }
 # What a recipe does not set (the from-scratch model's shape and built-in data)
 SCRATCH = dict(dim=256, n_layers=4, n_heads=4, builtin="tasks", builtin_size=4000, eval_frac=0.02)
