@@ -68,8 +68,8 @@ def parse_args(argv=None):
     p.add_argument("--recipe", choices=tuple(RECIPES), help="default settings: 'paper' with --init, else 'demo'")
     p.add_argument("--pack", action="store_true", help="pack several examples per row (document-aware attention and noise)")
     for k in ("max_len", "epochs", "batch_size", "micro_batch_size", "eval_every", "save_every"):
-        p.add_argument("--" + k.replace("_", "-"), type=int, help="default: 'paper' recipe with --init, else 'demo'")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 5e-5 with --init, else 2e-3)")
+        p.add_argument("--" + k.replace("_", "-"), type=int, help="default: the recipe's")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
     p.add_argument("--warmup", type=float, default=0.03, help="warmup fraction of the steps, then cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.0)
