@@ -380,20 +380,40 @@ def builtin_record(rng):
     return f"Answer with yes or no: is {a} even?", "", "yes" if a % 2 == 0 else "no"
 
 
-def builtin_records(seed=0, n=4000):
-    """n alpaca-style records (as read_records returns them), the same for the same seed."""
+def builtin_records(seed=0, n=4000, kind="tasks"):
+    """n alpaca-style records (as read_records returns them), the same for the same seed.
+    kind: "tasks" (checkable answers) or "facts" (answers that cannot be inferred: Figure 4)."""
     rng = random.Random(seed)
+    make = {"tasks": builtin_record, "facts": builtin_fact}[kind]
     return [[{"role": "user", "content": instruction, "input": inp}, {"role": "assistant", "content": output}]
-            for instruction, inp, output in (builtin_record(rng) for _ in range(n))]
+            for instruction, inp, output in (make(rng) for _ in range(n))]
 
 
-def builtin_tokenizer(path, seed=0, vocab_size=1000):
+# The second built-in set, for Figure 4 (train.py --recipe fig4): every answer holds facts that
+# cannot be inferred from the prompt, as real instruction data's free-form answers do, so a model
+# that memorises the training answers pays for it on held-out ones.
+SYLLABLES = "ba ko ri ten mu sa lo vek di na zu fe gor pi tal mo".split()
+JOBS = ("baker farmer painter sailor doctor teacher miner singer weaver potter hunter tailor "
+        "builder fisher scribe dancer").split()
+CITIES = ("Oslo Lima Cairo Quito Perth Dakar Hanoi Kyiv Riga Accra Bern Doha Lagos Sofia Tunis Vaduz").split()
+LIKES = "tea chess rain jazz maps honey kites dogs snow figs poems boats clocks bees salt ink".split()
+
+
+def builtin_fact(rng):
+    """An invented person and three random facts about them, as (instruction, input, output)."""
+    name = "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(2, 3))).capitalize()
+    job, city, likes = rng.choice(JOBS), rng.choice(CITIES), rng.choice(LIKES)
+    question = rng.choice([(f"Who is {name}?", ""), (f"Tell me about {name}.", ""), ("Describe this person.", name)])
+    return *question, f"{name} is a {job} from {city} who likes {likes}."
+
+
+def builtin_tokenizer(path, seed=0, vocab_size=1000, kind="tasks"):
     """Train a small SentencePiece BPE with LLaMA's layout on the built-in text (all three templates)
     and write it to path. One thread and a fixed sentence order make it byte-identical per seed."""
     import sentencepiece as spm
 
     lines = []
-    for messages in builtin_records(seed):
+    for messages in builtin_records(seed, kind=kind):
         for template in ("alpaca", "llama2-chat", "vicuna"):  # the SentencePiece templates
             # sentencepiece trains on lines; "\n" itself is left to byte fallback, as in LLaMA (<0x0A>)
             lines += render(messages, template).replace("<s>", "\n").replace("</s>", "\n").split("\n")

@@ -1,11 +1,12 @@
 """Length, repetition and diversity of model responses, side by side: the statistics of the NEFTune
 paper's Table 4, and with --refs the ROUGE-L / BLEU-4 overlap with the training responses (Figure 5).
 
-    python eval_len.py A.json B.json ... [--cutoff 50] [--refs train.json] [--json]
+    python eval_len.py A.json B.json ... [--cutoff 50] [--refs train.json] [--json] [--plot table4.png]
 """
 import argparse
 import json
 import math
+import os
 from collections import Counter
 
 NGRAM_ORDERS = (2, 3, 4)  # the n-grams of Table 4's repetition and diversity
@@ -174,9 +175,17 @@ def main():
                              "ROUGE-L F1 and corpus BLEU-4 of each generation against the training "
                              "response to the same instruction (Figure 5)")
     parser.add_argument("--json", action="store_true", help="print a JSON object keyed by file path")
+    parser.add_argument("--plot", metavar="FIG.png", help="also draw the statistics side by side (png, pdf or svg)")
     args = parser.parse_args()
     if args.cutoff < max(NGRAM_ORDERS):
         parser.error(f"--cutoff must be at least {max(NGRAM_ORDERS)} (4-gram repetition)")
+    if args.plot:  # checked before any work, so a typo does not cost a long evaluation; one line, exit 2
+        folder = os.path.dirname(args.plot) or "."
+        problem = ("the file name must end in .png, .pdf or .svg" if not args.plot.lower().endswith((".png", ".pdf", ".svg"))
+                   else f"{folder} is not a writable folder" if not (os.path.isdir(folder) and os.access(folder, os.W_OK))
+                   else "is a folder" if os.path.isdir(args.plot) else None)
+        if problem:
+            parser.exit(2, f"{parser.prog}: error: --plot {args.plot}: {problem}\n")
 
     def load(path, keys):
         # Bad input ends in one line naming the file and exit status 2 (argparse's), no traceback.
@@ -199,6 +208,9 @@ def main():
         print(json.dumps(results, indent=2))
     else:
         print_table(results, args.cutoff)
+    if args.plot:
+        import plots  # matplotlib only when asked for
+        plots.plot_table4(results, args.plot)
 
 
 if __name__ == "__main__":

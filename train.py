@@ -1,6 +1,7 @@
 """Instruction finetuning with NEFTune: one readable FSDP2 loop, under torchrun or plain python.
 
     torchrun --standalone --nproc_per_node=2 train.py --alpha 5        # built-in demo, ~2 min on 2 CPUs
+    python train.py --recipe fig4 --alpha 0 5 --out out/fig4             # the paper's Figure 4 on a CPU: out/fig4/curves.png
     torchrun --nproc_per_node=8 train.py --init llama-2-7b --data alpaca_data.json --alpha 5 --out out/neft
 
 A batch's path: data.py -> tokens -> model.tok_embeddings -> noise.neftune (training only) -> rest
@@ -32,11 +33,17 @@ from model import CheckpointError, ModelArgs, Tokenizer, Transformer, find_token
 from noise import KINDS, neftune
 
 # The paper's recipe (Stanford Alpaca's, which NEFTune kept) when finetuning real weights, and a
-# small-model recipe for the built-in demo that learns visibly in two minutes on a CPU.
+# small-model recipe for the built-in demo that learns visibly in two minutes on a CPU. fig4 is
+# the paper's Figure 4 on a laptop: few examples whose answers hold facts that cannot be inferred,
+# many epochs, so that alpha 0 memorises and overfits; README.md has its seeds table.
 RECIPES = {
     "paper": dict(lr=5e-5, batch_size=128, micro_batch_size=4, epochs=3, max_len=512, eval_every=50, save_every=200),
     "demo": dict(lr=2e-3, batch_size=32, micro_batch_size=16, epochs=1, max_len=128, eval_every=25, save_every=100),
+    "fig4": dict(lr=3e-3, batch_size=16, micro_batch_size=16, epochs=40, max_len=128, eval_every=28, save_every=1000,
+                 dim=64, n_layers=4, n_heads=4, builtin="facts", builtin_size=340, eval_frac=0.3, template="llama2-chat"),
 }
+# What a recipe does not set (the from-scratch model's shape and built-in data)
+SCRATCH = dict(dim=256, n_layers=4, n_heads=4, builtin="tasks", builtin_size=4000, eval_frac=0.02)
 
 
 class UserError(Exception):
@@ -51,15 +58,18 @@ def parse_args(argv=None):
     p.add_argument("--init", help="Meta checkpoint folder to finetune (default: a small model from scratch)")
     p.add_argument("--data", help="training file (Alpaca, ShareGPT or messages JSON/JSONL; default: built-in tasks)")
     p.add_argument("--eval-data", help="held-out file for the clean eval loss (default: --eval-frac of --data)")
-    p.add_argument("--eval-frac", type=float, default=0.02)
+    p.add_argument("--eval-frac", type=float, help="held-out fraction of the data (default: the recipe's)")
     p.add_argument("--format", choices=("alpaca", "sharegpt", "messages"), help="data format (default: detected)")
     p.add_argument("--template", choices=data.TEMPLATES, help="prompt template (default: alpaca for Alpaca data, else vicuna)")
-    for k, v in (("dim", 256), ("n-layers", 4), ("n-heads", 4)):
-        p.add_argument("--" + k, type=int, default=v, help="shape of the from-scratch model (without --init)")
+    for k in ("dim", "n-layers", "n-heads"):
+        p.add_argument("--" + k, type=int, help="shape of the from-scratch model (without --init; default: the recipe's)")
+    p.add_argument("--builtin", choices=("tasks", "facts"), help="built-in data without --data (default: the recipe's)")
+    p.add_argument("--builtin-size", type=int, help="records of built-in data (default: the recipe's)")
+    p.add_argument("--recipe", choices=tuple(RECIPES), help="default settings: 'paper' with --init, else 'demo'")
     p.add_argument("--pack", action="store_true", help="pack several examples per row (document-aware attention and noise)")
     for k in ("max_len", "epochs", "batch_size", "micro_batch_size", "eval_every", "save_every"):
-        p.add_argument("--" + k.replace("_", "-"), type=int, help="default: 'paper' recipe with --init, else 'demo'")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: 5e-5 with --init, else 2e-3)")
+        p.add_argument("--" + k.replace("_", "-"), type=int, help="default: the recipe's")
+    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
     p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
     p.add_argument("--warmup", type=float, default=0.03, help="warmup fraction of the steps, then cosine to 0")
     p.add_argument("--weight-decay", type=float, default=0.0)
@@ -74,12 +84,15 @@ def parse_args(argv=None):
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--act-ckpt", action="store_true", help="recompute each block's activations in backward")
     args = p.parse_args(argv)
-    recipe = RECIPES["paper" if args.init else "demo"]
+    args.recipe = args.recipe or ("paper" if args.init else "demo")
+    recipe = SCRATCH | RECIPES[args.recipe]
     for k, v in recipe.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
     if any(a < 0 for a in args.alpha):
         raise UserError(f"--alpha must be >= 0, got {' '.join(map(str, args.alpha))}")
+    if args.builtin_size < 2:
+        raise UserError(f"--builtin-size must be >= 2 (a training and a held-out record), got {args.builtin_size}")
     return args
 
 
@@ -122,7 +135,7 @@ def build_data(args, tok_dir, rank):
     else:
         tok_path = tok_dir / "tokenizer.model"  # trained once, shared by the runs of a sweep
         if rank == 0 and not tok_path.exists():
-            data.builtin_tokenizer(tok_path, seed=args.seed)
+            data.builtin_tokenizer(tok_path, seed=args.seed, kind=args.builtin)
         dist.barrier()
     tok = Tokenizer(tok_path)
     fmt, template = args.format, args.template
@@ -134,7 +147,7 @@ def build_data(args, tok_dir, rank):
         if args.eval_data:
             held_out = data.load_dataset(args.eval_data, tok, template, args.max_len, fmt, verbose=rank == 0)
     else:
-        train = data.tokenize_records(data.builtin_records(seed=args.seed), tok, template or "alpaca", args.max_len,
+        train = data.tokenize_records(data.builtin_records(args.seed, args.builtin_size, args.builtin), tok, template or "alpaca", args.max_len,
                                       source="built-in data", verbose=rank == 0)
         held_out = None
     if held_out is None:
@@ -381,6 +394,9 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
     if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
         record |= clean_losses()
     export_final(out, model, tok_path, rank, torch.float32 if args.export_dtype == "fp32" else torch.bfloat16)
+    if rank == 0:  # imported here: matplotlib only when a run ends
+        import plots
+        plots.write_curves(out, [(alpha, kind, out)])
     return dict(alpha=alpha, noise=kind, clean_train_loss=record.get("clean_train_loss"), eval_loss=record.get("eval_loss"),
                 tokens_per_s=sum(speeds) / max(len(speeds), 1))
 
@@ -413,9 +429,11 @@ def main(argv=None):
             if rank == 0:
                 run_out.mkdir(parents=True, exist_ok=True)
             dist.barrier()
-            results.append(train_one(args, run_out, out, alpha, kind, rank, world, device, log))
+            results.append(train_one(args, run_out, out, alpha, kind, rank, world, device, log) | {"dir": run_out})
         if len(runs) > 1 and rank == 0:
             write_sweep(out, results)
+            import plots
+            plots.write_curves(out, [(r["alpha"], r["noise"], r["dir"]) for r in results])
             log((out / "sweep.md").read_text())
     except (UserError, CheckpointError, data.DataError) as e:
         if rank == 0:

@@ -1,0 +1,126 @@
+"""The figures: Figure 4's loss curves from train.py's log.jsonl, and Table 4's statistics from eval_len.py.
+
+    python plots.py out/fig4                  # redraw out/fig4/curves.png (a run or a sweep folder)
+
+matplotlib is imported here only, with the headless Agg backend, so train.py and eval_len.py work
+without a display and import this file only when they draw.
+"""
+import json
+import sys
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
+
+METRICS = (("clean_train_loss", "clean training loss (noise off)"), ("eval_loss", "held-out loss"))
+LINESTYLES = ("-", "--", ":", "-.")
+FIGSIZE, DPI = (10, 4), 100  # 1000 x 400 pixels
+TABLE4 = (("chars", "mean length (characters)"), ("words", "mean length (words)"), ("rep_2", "2-gram repetition (%)"),
+          ("rep_3", "3-gram repetition (%)"), ("rep_4", "4-gram repetition (%)"), ("log_diversity", "log-diversity"))
+
+
+def read_log(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def curve_series(records):
+    """{metric: (steps, values)} from log.jsonl records: the steps where the clean losses were measured."""
+    return {m: ([r["step"] for r in records if m in r], [r[m] for r in records if m in r]) for m, _ in METRICS}
+
+
+def plot_curves(runs, path, title=None):
+    """runs: [(alpha, noise kind, log records)]. Figure 4: one panel per clean loss, one colour per
+    alpha, one line style per noise kind. Returns {(alpha, kind): {metric: (steps, values), "color",
+    "linestyle"}} read back from the drawn lines: a test can check that what is drawn is what was logged."""
+    alphas = sorted({a for a, _, _ in runs})
+    kinds = list(dict.fromkeys(k for _, k, _ in runs))
+    fig, axes = plt.subplots(1, len(METRICS), figsize=FIGSIZE, dpi=DPI)
+    drawn = {}
+    for alpha, kind, records in runs:
+        series = curve_series(records)
+        style = dict(color=f"C{alphas.index(alpha) % 10}", linestyle=LINESTYLES[kinds.index(kind) % len(LINESTYLES)],
+                     label=f"alpha {alpha:g}" + (f", {kind}" if len(kinds) > 1 else ""))
+        for ax, (metric, _) in zip(axes, METRICS):
+            line, = ax.plot(*series[metric], **style)
+            drawn.setdefault((alpha, kind), {"color": line.get_color(), "linestyle": line.get_linestyle()})[metric] = \
+                tuple(list(v) for v in line.get_data())
+    for ax, (_, label) in zip(axes, METRICS):
+        ax.set(xlabel="optimizer step", ylabel="loss per response token", title=label)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
+def write_curves(out, runs):
+    """runs: [(alpha, kind, run folder)] -> OUT/curves.png from each folder's log.jsonl."""
+    return plot_curves([(a, k, read_log(Path(d) / "log.jsonl")) for a, k, d in runs], Path(out) / "curves.png",
+                       title=f"{Path(out).resolve().name}: clean losses (Figure 4)")
+
+
+def plot_table4(results, path):
+    """results: {file: eval_len.length_stats(...)} -> one bar chart per Table 4 statistic, the files
+    side by side. Returns {statistic: [value per file]} read back from the bars (None: not measured)."""
+    names = list(results)
+    fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=DPI)
+    drawn = {}
+    for ax, (key, label) in zip(axes.flat, TABLE4):
+        values = [results[n][key] for n in names]
+        bars = ax.bar(range(len(names)), [0.0 if v is None else v for v in values], color=[f"C{i % 10}" for i in range(len(names))])
+        drawn[key] = [None if v is None else b.get_height() for v, b in zip(values, bars)]
+        ax.set_title(label, fontsize=9)
+        ax.set_xticks(range(len(names)), [Path(n).stem for n in names], fontsize=7, rotation=20)
+    fig.suptitle("Length, repetition and diversity of the responses (NEFTune Table 4)")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return drawn
+
+
+def sweep_runs(out):
+    """[(alpha, kind, folder)] of a sweep folder (alpha_<a>[_<kind>]/ as train.py names them)."""
+    runs = []
+    for log in sorted(Path(out).glob("alpha_*/log.jsonl")):
+        alpha, _, kind = log.parent.name[len("alpha_"):].partition("_")
+        runs.append((float(alpha), kind or "uniform", log.parent))
+    return runs
+
+
+def final_gaps(out, base=0.0):
+    """Figure 4's signature in one sweep folder: for each alpha, its final clean training loss and
+    held-out loss minus those of alpha `base` (positive train gap + negative eval gap = the signature)."""
+    last = {(a, k): [r for r in read_log(Path(d) / "log.jsonl") if "eval_loss" in r][-1] for a, k, d in sweep_runs(out)}
+    return {(a, k): {m: r[m] - last[(base, k)][m] for m, _ in METRICS} for (a, k), r in last.items() if a != base}
+
+
+def main(argv=None):
+    """Redraw OUT/curves.png of sweep folders; with several, print the gaps to alpha 0 as mean +- sd."""
+    folders = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
+    if not folders or not all(sweep_runs(f) for f in folders):
+        print("plots.py: error: give sweep folders of train.py --alpha 0 A ... (with alpha_*/log.jsonl)", file=sys.stderr)
+        return 2
+    gaps = {}
+    for out in folders:
+        write_curves(out, sweep_runs(out))
+        for run, g in final_gaps(out).items():
+            gaps.setdefault(run, []).append(g)
+            print(f"{out}: alpha {run[0]:g} {run[1]}: clean train gap {g['clean_train_loss']:+.4f}, held-out gap {g['eval_loss']:+.4f}")
+    for (alpha, kind), gs in gaps.items():
+        summary = []
+        for m, label in METRICS:
+            xs = [g[m] for g in gs]
+            mean = sum(xs) / len(xs)
+            sd = (sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+            summary.append(f"{label} {mean:+.4f} +- {sd:.4f}")
+        print(f"alpha {alpha:g} {kind} - alpha 0 over {len(gs)} runs: " + ", ".join(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Issue 14: the fig4 recipe and its built-in facts data, OUT/curves.png, eval_len.py --plot."""
+import json
+import os
+import re
+import struct
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+import data
+import eval_len
+import plots
+import train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def png_size(path):
+    """(width, height) from a PNG's IHDR chunk, which must come first after the 8-byte signature."""
+    head = Path(path).read_bytes()[:24]
+    assert head[:8] == b"\x89PNG\r\n\x1a\n", f"{path} is not a PNG"
+    length, kind, width, height = struct.unpack(">I4sII", head[8:24])
+    assert (length, kind) == (13, b"IHDR")
+    return width, height
+
+
+FIG_PIXELS = (plots.FIGSIZE[0] * plots.DPI, plots.FIGSIZE[1] * plots.DPI)
+
+
+# ---------------------------------------------------------------- recipes
+
+def test_recipes_by_name_and_implicit_defaults():
+    assert (train.parse_args([]).lr, train.parse_args([]).dim, train.parse_args([]).builtin) == (2e-3, 256, "tasks")
+    paper = train.parse_args(["--init", "somewhere"])
+    assert (paper.lr, paper.batch_size, paper.epochs) == (5e-5, 128, 3)
+    assert vars(train.parse_args(["--recipe", "demo"])) == vars(train.parse_args([]))
+    fig4 = train.parse_args(["--recipe", "fig4"])
+    for k, v in train.RECIPES["fig4"].items():
+        assert getattr(fig4, k) == v, k
+    # an explicit flag beats the recipe, and the recipe beats the implicit one
+    mine = train.parse_args(["--recipe", "fig4", "--dim", "64", "--epochs", "2", "--builtin", "tasks", "--init", "x"])
+    assert (mine.dim, mine.epochs, mine.builtin, mine.n_layers) == (64, 2, "tasks", train.RECIPES["fig4"]["n_layers"])
+    with pytest.raises(train.UserError, match="--builtin-size"):
+        train.parse_args(["--builtin-size", "1"])
+
+
+# ---------------------------------------------------------------- the facts data
+
+def test_builtin_facts_hold_facts_the_prompt_cannot_give():
+    records = data.builtin_records(seed=5, n=1600, kind="facts")
+    assert records == data.builtin_records(seed=5, n=1600, kind="facts") != data.builtin_records(seed=6, n=1600, kind="facts")
+    assert data.builtin_records(seed=5, n=50) == data.builtin_records(seed=5, n=50, kind="tasks")  # the default is unchanged
+    facts = Counter()
+    for user, answer in records:
+        name = re.fullmatch(r"(?:Who is (\w+)\?|Tell me about (\w+)\.|Describe this person\.)", user["content"])
+        name = name.group(1) or name.group(2) or user["input"]
+        m = re.fullmatch(rf"{name} is a (\w+) from (\w+) who likes (\w+)\.", answer["content"])
+        assert m, (user, answer)
+        facts.update(zip(("job", "city", "likes"), m.groups()))
+    # every fact is drawn uniformly from its list, whatever the name: 1600/16 = 100 expected per value
+    for key, values in (("job", data.JOBS), ("city", data.CITIES), ("likes", data.LIKES)):
+        counts = [facts[(key, v)] for v in values]
+        assert sum(counts) == 1600 and min(counts) > 50 and max(counts) < 150, (key, counts)
+
+
+# ---------------------------------------------------------------- curves
+
+def fake_log(seed, steps=12, eval_every=4):
+    out = []
+    for s in range(1, steps + 1):
+        r = {"step": s, "loss": 3.0 - 0.1 * s + 0.01 * seed}
+        if s % eval_every == 0:
+            r |= {"clean_train_loss": 2.5 - 0.1 * s - 0.001 * seed, "eval_loss": 2.6 - 0.05 * s + 0.002 * seed}
+        out.append(r)
+    return out
+
+
+def test_plot_curves_draws_the_logged_numbers(tmp_path):
+    runs = [(a, k, fake_log(i)) for i, (a, k) in enumerate([(0.0, "uniform"), (5.0, "uniform"), (5.0, "gaussian"), (15.0, "gaussian")])]
+    drawn = plots.plot_curves(runs, tmp_path / "curves.png")
+    assert png_size(tmp_path / "curves.png") == FIG_PIXELS
+    for i, (alpha, kind, _) in enumerate(runs):
+        got = drawn[(alpha, kind)]
+        assert got["clean_train_loss"] == ([4, 8, 12], [2.5 - 0.1 * s - 0.001 * i for s in (4, 8, 12)])
+        assert got["eval_loss"] == ([4, 8, 12], [2.6 - 0.05 * s + 0.002 * i for s in (4, 8, 12)])
+    # one colour per alpha, one line style per noise kind
+    colour = {a: {drawn[(a, k)]["color"] for aa, k, _ in runs if aa == a} for a, _, _ in runs}
+    assert all(len(c) == 1 for c in colour.values()) and len({c.pop() for c in colour.values()}) == 3
+    assert drawn[(5.0, "uniform")]["linestyle"] == drawn[(0.0, "uniform")]["linestyle"] != drawn[(5.0, "gaussian")]["linestyle"]
+    assert drawn[(5.0, "gaussian")]["linestyle"] == drawn[(15.0, "gaussian")]["linestyle"]
+
+
+def test_final_gaps(tmp_path):
+    for alpha, seed in ((0, 0), (5, 10)):
+        (tmp_path / f"alpha_{alpha}").mkdir()
+        (tmp_path / f"alpha_{alpha}" / "log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in fake_log(seed)))
+    assert [(a, k) for a, k, _ in plots.sweep_runs(tmp_path)] == [(0.0, "uniform"), (5.0, "uniform")]
+    gaps = plots.final_gaps(tmp_path)[(5.0, "uniform")]
+    assert gaps["clean_train_loss"] == pytest.approx(-0.010) and gaps["eval_loss"] == pytest.approx(0.020)
+
+
+def test_train_sweep_writes_curves(tmp_path):
+    out = tmp_path / "sweep"
+    cmd = [sys.executable, "train.py", "--recipe", "fig4", "--builtin-size", "60", "--dim", "32", "--n-layers", "1",
+           "--batch-size", "8", "--micro-batch-size", "8", "--max-steps", "4", "--eval-every", "2", "--eval-examples", "8",
+           "--alpha", "0", "5", "--noise", "uniform", "gaussian", "--out", str(out)]
+    p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
+    assert p.returncode == 0, p.stderr[-3000:]
+    runs = [(a, k, out / f"alpha_{a:g}_{k}") for k in ("uniform", "gaussian") for a in (0.0, 5.0)]
+    for _, _, d in runs:  # every run has its own figure ...
+        assert png_size(d / "curves.png") == FIG_PIXELS
+    assert png_size(out / "curves.png") == FIG_PIXELS  # ... and the sweep one with all four
+    drawn = plots.write_curves(tmp_path, runs)
+    for a, k, d in runs:
+        logged = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
+        assert drawn[(a, k)]["eval_loss"] == ([2, 4], [r["eval_loss"] for r in logged if r["step"] in (2, 4)])
+        assert drawn[(a, k)]["clean_train_loss"] == ([2, 4], [r["clean_train_loss"] for r in logged if r["step"] in (2, 4)])
+
+
+# ---------------------------------------------------------------- eval_len.py --plot
+
+def outputs(path, texts):
+    path.write_text(json.dumps([{"instruction": f"q{i}", "output": t, "generator": "m", "dataset": "d"} for i, t in enumerate(texts)]))
+    return str(path)
+
+
+def test_plot_table4_draws_the_statistics(tmp_path):
+    long = " ".join(f"w{i % 7}" for i in range(60))
+    results = {"a.json": eval_len.length_stats(["one two three", long], cutoff=50),
+               "b.json": eval_len.length_stats(["short"], cutoff=50)}
+    drawn = plots.plot_table4(results, tmp_path / "t4.png")
+    assert png_size(tmp_path / "t4.png") == FIG_PIXELS
+    assert drawn["chars"] == [pytest.approx((13 + len(long)) / 2), pytest.approx(5.0)]
+    assert drawn["words"] == [pytest.approx(31.5), pytest.approx(1.0)]
+    # 50 tokens cycling through 7 words: 7 distinct 2-grams of 49
+    assert drawn["rep_2"] == [pytest.approx(100 * (1 - 7 / 49)), None]  # b has no response of >= 50 words
+
+
+def test_eval_len_plot_cli(tmp_path):
+    a = outputs(tmp_path / "a.json", ["alpha beta gamma " * 20, "one two"])
+    b = outputs(tmp_path / "b.json", ["x y z"])
+    p = subprocess.run([sys.executable, "eval_len.py", a, b, "--plot", str(tmp_path / "t4.png")], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode == 0, p.stderr
+    assert png_size(tmp_path / "t4.png") == FIG_PIXELS
+    for bad, why in ((tmp_path / "missing" / "t4.png", "not a writable folder"), (tmp_path / "t4.txt", "must end in"),
+                     (tmp_path / "a.json" / "t4.png", "not a writable folder")):
+        p = subprocess.run([sys.executable, "eval_len.py", a, "--plot", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and p.stdout == "" and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
