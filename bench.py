@@ -164,7 +164,7 @@ def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, n
         tok_s = b * new_tokens / (time.perf_counter() - t0)
         out[f"tokens_per_s_batch{b}"] = round(tok_s, 2)
         if b == 1:
-            out["fraction_of_bandwidth_limit_batch1"] = round(tok_s / (bw / weight_bytes), 3)
+            out["fraction_of_bandwidth_limit_batch1"] = float(f"{tok_s / (bw / weight_bytes):.3g}")  # 3 digits, even when tiny
     # no cache: every step runs the whole sequence again, so its cost grows with the length
     ids = torch.tensor(prompts(1), device=device)
     with torch.inference_mode():
