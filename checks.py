@@ -52,7 +52,8 @@ class RunLock:
     """OUT/.lock holds "host pid" of the run's rank 0 while it runs. A second run on the same folder
     (say a --resume started while the killed run's workers still live) would otherwise collide with
     it at the next checkpoint rename; it stops with one line instead. A lock left by a process that
-    no longer exists (kill -9) is taken over."""
+    no longer exists (kill -9) is taken over. A folder made for the lock is removed with it if the
+    run wrote nothing else (it stopped on a mistake), so the corrected rerun is not refused."""
     NAME = ".lock"
 
     def __init__(self, out):
@@ -60,6 +61,7 @@ class RunLock:
         self.me = f"{socket.gethostname()} {os.getpid()}"
 
     def acquire(self):
+        self.made_folder = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -80,6 +82,8 @@ class RunLock:
         try:
             if self.path.read_text() == self.me:
                 self.path.unlink()
+            if self.made_folder:
+                self.path.parent.rmdir()  # fails, as it should, unless the folder is empty
         except OSError:
             pass
 

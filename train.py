@@ -254,7 +254,7 @@ def checkpoints(out):
 def newest_checkpoint(out):
     """Where --resume would continue from, in words: for the messages of a run that stops."""
     saved = checkpoints(out)
-    return f"--resume continues from {saved[-1]}" if saved else f"no checkpoint was saved in {out}: a rerun starts over"
+    return f"--resume continues from {saved[-1]}" if saved else f"no checkpoint was saved in {out}: --resume starts over at step 0"
 
 
 def check_finite(model, device, out, what):
@@ -448,7 +448,6 @@ def main(argv=None):
         out = Path(args.out)
         if not args.resume and out.exists() and any(p.name != RunLock.NAME for p in out.iterdir()):
             raise UserError(f"{out}: --out is not empty; pass --resume to continue it or choose another folder")
-        made_out = not out.exists()
         lock_error = None
         if rank == 0:
             try:
@@ -486,11 +485,6 @@ def main(argv=None):
     finally:
         if lock is not None:
             lock.release()
-            if made_out:  # a run that failed before writing anything leaves no empty folder behind
-                try:
-                    out.rmdir()
-                except OSError:
-                    pass
         shutil.rmtree(tok_dir, ignore_errors=True)
         if dist.is_initialized():
             dist.destroy_process_group()
