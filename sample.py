@@ -137,10 +137,14 @@ def decode_speed(model, batch_size, new_tokens, prompt_len):
     return sum(map(len, out)) / (time.perf_counter() - t0)
 
 
+def is_exact(answer, reference):
+    """Equal up to spaces at either end. An answer of None (cut off by the token budget, so never
+    finished) is wrong."""
+    return answer is not None and answer.strip() == reference.strip()
+
+
 def exact_match(answers, references):
-    """Fraction of answers equal to their reference, spaces at either end ignored. An answer of None
-    (cut off by the token budget, so never finished) counts as wrong."""
-    return sum(a is not None and a.strip() == r.strip() for a, r in zip(answers, references, strict=True)) / len(references)
+    return sum(map(is_exact, answers, references)) / len(references)
 
 
 def exact_match_answers(model, tok, examples, batch_size=64):
@@ -159,7 +163,7 @@ def exact_match_answers(model, tok, examples, batch_size=64):
         new = generate(model, prompts[b:b + batch_size], budgets[b:b + batch_size], eos_id=tok.eos_id)
         answers += [tok.decode(n) if len(n) < budget else None for n, budget in zip(new, budgets[b:b + batch_size])]
     references = [tok.decode(r) for r in refs]
-    rows = [{"prompt": tok.decode(p), "answer": a, "reference": r, "correct": a is not None and a.strip() == r.strip()}
+    rows = [{"prompt": tok.decode(p), "answer": a, "reference": r, "correct": is_exact(a, r)}
             for p, a, r in zip(prompts, answers, references)]
     return {"exact_match": exact_match(answers, references), "n": len(rows), "answers": rows}
 
@@ -242,12 +246,14 @@ def write_json_atomic(path, obj):
 def check_args(a):
     """Every number, path and the device, before the model is loaded: a mistake costs one line, and
     never hours of generation (a bad --out used to surface only when the answers were written)."""
-    for flag, x, bounds in (("--batch-size", a.batch_size, dict(lo=1)), ("--limit", a.limit, dict(lo=1)),
-                            ("--max-length", a.max_length, dict(lo=1)), ("--max-new-tokens", a.max_new_tokens, dict(lo=1)),
-                            ("--temperature", a.temperature, dict(lo=0)), ("--top-p", a.top_p, dict(above=0, hi=1)),
-                            ("--repetition-penalty", a.repetition_penalty, dict(above=0)), ("--seed", a.seed, dict(lo=0, below=2**63))):
-        if x is not None or flag not in ("--limit", "--max-new-tokens"):
-            number(flag, x, **bounds)
+    for flag, x in (("--batch-size", a.batch_size), ("--max-length", a.max_length), ("--limit", a.limit),
+                    ("--max-new-tokens", a.max_new_tokens)):
+        if x is not None:  # --limit and --max-new-tokens are optional
+            number(flag, x, lo=1)
+    number("--temperature", a.temperature, lo=0)
+    number("--top-p", a.top_p, above=0, hi=1)
+    number("--repetition-penalty", a.repetition_penalty, above=0)
+    number("--seed", a.seed, lo=0, below=2**63)
     if not Path(a.ckpt).is_dir():
         raise UserError(f"{a.ckpt}: --ckpt folder not found")
     if a.prompts is not None:  # read_prompts names a missing or unreadable --prompts file
