@@ -166,7 +166,7 @@ def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, n
         tok_s = b * new_tokens / (time.perf_counter() - t0)
         out[f"tokens_per_s_batch{b}"] = round(tok_s, 2)
         if b == 1:
-            out["fraction_of_bandwidth_limit_batch1"] = round(tok_s / (bw / weight_bytes), 3)
+            out["fraction_of_bandwidth_limit_batch1"] = float(f"{tok_s / (bw / weight_bytes):.3g}")  # 3 digits, even when tiny
     # no cache: every step runs the whole sequence again, so its cost grows with the length
     ids = torch.tensor(prompts(1), device=device)
     with torch.inference_mode():
@@ -180,7 +180,8 @@ def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, n
     return out
 
 # A LLaMA-shaped model of 1.11B parameters: 2.2 GB in bf16, the size class of TinyLlama-1.1B.
-LOAD_ARGS = ModelArgs(dim=2048, n_layers=19, n_heads=16, vocab_size=32000, multiple_of=256)
+LOAD_CFG = dict(dim=2048, n_layers=19, n_heads=16, vocab_size=32000, multiple_of=256)
+LOAD_ARGS = ModelArgs(**LOAD_CFG)
 
 
 def peak_rss_bytes():
@@ -245,11 +246,11 @@ def load_child(ckpt_dir):
                       "checksum": checksum}))
 
 
-def bench_load(load_dir="/tmp/neftune_bench_ckpt"):
+def bench_load(load_dir="/tmp/neftune_bench_ckpt", args=LOAD_ARGS):
     """Peak resident memory of load_meta over the checkpoint's size, measured in a child process.
     (peak - baseline) / size near 1.0 means the weights are held once (mmap'd, no casts or copies)."""
     t0 = time.perf_counter()
-    ckpt_dir, generated = cached_checkpoint(load_dir)
+    ckpt_dir, generated = cached_checkpoint(load_dir, args)
     gen_s = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in ckpt_dir.glob("consolidated.*.pth"))
     r = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--_load-child", str(ckpt_dir)],
@@ -326,7 +327,7 @@ PARTS = {
     "noise": lambda a, d: bench_noise(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.noise_rounds),
     "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode_dtype, a.new_tokens,
                                         a.prompt_len, a.decode_batches, a.nocache_tokens, a.copy_mb),
-    "load": lambda a, d: bench_load(a.load_dir),
+    "load": lambda a, d: bench_load(a.load_dir, ModelArgs(**size_cfg(LOAD_CFG, a))),
     "loss": lambda a, d: bench_loss(size_cfg(LOSS_CFG, a), a.loss_batch_size, a.seq_len),
 }
 

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from checks import UserError, number
 from model import CheckpointError, Tokenizer
 
 IGNORE = -100  # the label F.cross_entropy skips (its default ignore_index)
@@ -445,11 +446,13 @@ def main(argv=None):
     p.add_argument("--pack", action="store_true", help="also describe the packed rows")
     a = p.parse_args(argv)
     try:
+        number("--max-len", a.max_len, lo=1)
+        number("--batch-size", a.batch_size, lo=1)
         tok = Tokenizer(a.tokenizer)
         records, fmt = read_format(a.file, a.format)
         template = a.template or default_template(fmt)
         examples, counts = tokenize_all(records, tok, template, a.max_len, a.file)
-    except (DataError, CheckpointError) as e:
+    except (DataError, CheckpointError, UserError) as e:
         print(f"data.py: error: {e}", file=sys.stderr)
         return 2
     n_tokens = sum(len(x["input_ids"]) for x in examples)

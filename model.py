@@ -49,6 +49,12 @@ class ModelArgs:  # the fields of Meta's params.json, one to one
                 raise CheckpointError(f"{source}: key {k!r} changes the model and is not implemented here")
         if not isinstance(d.get("use_scaled_rope", False), bool):
             raise CheckpointError(f"{source}: use_scaled_rope must be true or false, got {d['use_scaled_rope']!r}")
+        for f in fields(cls):  # "dim": "256" would fail far away, in a tensor shape
+            v, kind = d.get(f.name), float if "float" in str(f.type) else int
+            if f.type is bool or v is None:
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+                raise CheckpointError(f"{source}: \"{f.name}\" must be {'a number' if kind is float else 'an integer'}, got {v!r}")
         return cls(**{k: v for k, v in d.items() if k in known})
 
 
@@ -349,6 +355,7 @@ def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
         torch.save(state, tmp / "consolidated.00.pth")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+        tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint folder is read by others like any folder
         old = None
         if out_dir.exists():
             old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")

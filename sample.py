@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 import data
 import model as llama
+from checks import UserError, number, writable_file
 
 # The paper's generation settings (the authors' eval_generate.py calls HF generate with do_sample=False,
 # repetition_penalty=1.2, max_length=1024): greedy, penalty 1.2, 1024 tokens counting the prompt.
@@ -138,6 +139,37 @@ def decode_speed(model, batch_size, new_tokens, prompt_len):
     return sum(map(len, out)) / (time.perf_counter() - t0)
 
 
+def is_exact(answer, reference):
+    """Equal up to spaces at either end. An answer of None (cut off by the token budget, so never
+    finished) is wrong."""
+    return answer is not None and answer.strip() == reference.strip()
+
+
+def exact_match(answers, references):
+    return sum(map(is_exact, answers, references)) / len(references)
+
+
+def exact_match_answers(model, tok, examples, batch_size=64):
+    """Greedy answers (no repetition penalty: a sorted list repeats digits) to tokenized examples'
+    prompts, scored against their training answers: how train.py reports what the demo model gets
+    right on its held-out built-in tasks. A prompt is an example's ids before its first labelled
+    token; the reference is the labelled rest, EOS dropped."""
+    prompts, refs = [], []
+    for x in examples:
+        start = next(i for i, label in enumerate(x["labels"]) if label != data.IGNORE)
+        prompts.append(x["input_ids"][:start])
+        refs.append([t for t in x["input_ids"][start:] if t != tok.eos_id])
+    budgets = [len(r) + 8 for r in refs]  # room for another tokenization of the same text
+    answers = []
+    for b in range(0, len(prompts), batch_size):
+        new = generate(model, prompts[b:b + batch_size], budgets[b:b + batch_size], eos_id=tok.eos_id)
+        answers += [tok.decode(n) if len(n) < budget else None for n, budget in zip(new, budgets[b:b + batch_size])]
+    references = [tok.decode(r) for r in refs]
+    rows = [{"prompt": tok.decode(p), "answer": a, "reference": r, "correct": is_exact(a, r)}
+            for p, a, r in zip(prompts, answers, references)]
+    return {"exact_match": exact_match(answers, references), "n": len(rows), "answers": rows}
+
+
 class TextStream:
     """Prints generated tokens as text while they come. Decoding one piece at a time is wrong twice over:
     SentencePiece drops a piece's leading space when it starts the text, and a byte-fallback character
@@ -213,6 +245,27 @@ def write_json_atomic(path, obj):
         raise
 
 
+def check_args(a):
+    """Every number, path and the device, before the model is loaded: a mistake costs one line, and
+    never hours of generation (a bad --out used to surface only when the answers were written)."""
+    for flag, x in (("--batch-size", a.batch_size), ("--max-length", a.max_length), ("--limit", a.limit),
+                    ("--max-new-tokens", a.max_new_tokens)):
+        if x is not None:  # --limit and --max-new-tokens are optional
+            number(flag, x, lo=1)
+    number("--temperature", a.temperature, lo=0)
+    number("--top-p", a.top_p, above=0, hi=1)
+    number("--repetition-penalty", a.repetition_penalty, above=0)
+    number("--seed", a.seed, lo=0, below=2**63)
+    if not Path(a.ckpt).is_dir():
+        raise UserError(f"{a.ckpt}: --ckpt folder not found")
+    if a.prompts is not None:  # read_prompts names a missing or unreadable --prompts file
+        writable_file("--out", a.out, a.overwrite)
+    try:
+        torch.empty(0, device=a.device)
+    except (RuntimeError, AssertionError) as e:  # e.g. "Torch not compiled with CUDA enabled"
+        raise UserError(f"--device {a.device}: not usable here ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
     p.add_argument("--ckpt", required=True, help="Meta-format folder (params.json, consolidated.NN.pth, tokenizer.model)")
@@ -221,6 +274,7 @@ def main(argv=None):
     src.add_argument("--prompt", help="one instruction; its answer is streamed to stdout")
     p.add_argument("--template", default="alpaca", choices=data.TEMPLATES, help="prompt format used in training")
     p.add_argument("--out", default="outputs.json", help="AlpacaEval outputs file (with --prompts)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--generator", help="model name written into the outputs (default: the checkpoint's folder name)")
     p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="token budget counting the prompt, as HF's max_length")
     p.add_argument("--max-new-tokens", type=int, help="new tokens per answer (overrides --max-length)")
@@ -233,28 +287,25 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
-    a = p.parse_args(argv)
-    if a.batch_size < 1 or (a.limit is not None and a.limit < 1):
-        p.error("--batch-size and --limit must be at least 1")
-    if a.repetition_penalty <= 0 or a.temperature < 0 or not 0 < a.top_p <= 1:
-        p.error("need --repetition-penalty > 0, --temperature >= 0 and 0 < --top-p <= 1")
 
     def fail(msg):  # one line naming the file, exit 2, no traceback
         p.exit(2, f"sample.py: error: {msg}\n")
 
+    p.error = fail  # argparse's own errors too: one line, not a usage block
+    a = p.parse_args(argv)
+
     try:
+        check_args(a)
         records = None
         if a.prompts is not None:
             records = read_prompts(a.prompts)[:a.limit]
-            if not Path(a.out).resolve().parent.is_dir():  # fail now, not after hours of generation
-                fail(f"{a.out}: its folder does not exist")
         dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
         model = llama.load_meta(a.ckpt, dtype=dtype, device=a.device)
         tok_path = llama.find_tokenizer(a.ckpt)
         if tok_path is None:
             raise llama.CheckpointError(f"{a.ckpt}: no tokenizer.model beside the weights or one level up")
         tok = llama.Tokenizer(tok_path)
-    except (llama.CheckpointError, data.DataError) as e:
+    except (llama.CheckpointError, data.DataError, UserError) as e:
         fail(e)
     ids = []
     for i, r in enumerate(records or [{"instruction": a.prompt}]):

@@ -8,12 +8,14 @@ A batch's path: data.py -> tokens -> model.tok_embeddings -> noise.neftune (trai
 of the model -> cross-entropy on response tokens. `--alpha 0 5 10 15` sweeps alpha in one command.
 """
 import argparse
+import dataclasses
 import json
 import math
 import os
 import shutil
 import socket
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -29,6 +31,8 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import data
+import sample
+from checks import RunLock, UserError, number, writable_folder
 from model import CheckpointError, ModelArgs, Tokenizer, Transformer, find_tokenizer, load_meta, save_meta
 from noise import KINDS, neftune
 
@@ -44,10 +48,6 @@ RECIPES = {
 }
 # What a recipe does not set (the from-scratch model's shape and built-in data)
 SCRATCH = dict(dim=256, n_layers=4, n_heads=4, builtin="tasks", builtin_size=4000, eval_frac=0.02)
-
-
-class UserError(Exception):
-    """A mistake in the command line or the files it names: one line, exit status 2."""
 
 
 def parse_args(argv=None):
@@ -83,17 +83,45 @@ def parse_args(argv=None):
     p.add_argument("--export-dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of OUT/final (Meta ships bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--act-ckpt", action="store_true", help="recompute each block's activations in backward")
+
+    def error(msg):  # argparse's own errors: one line, not a usage block, and printed once under torchrun
+        raise UserError(msg)
+    p.error = error
     args = p.parse_args(argv)
     args.recipe = args.recipe or ("paper" if args.init else "demo")
     recipe = SCRATCH | RECIPES[args.recipe]
     for k, v in recipe.items():
         if getattr(args, k) is None:
             setattr(args, k, v)
-    if any(a < 0 for a in args.alpha):
-        raise UserError(f"--alpha must be >= 0, got {' '.join(map(str, args.alpha))}")
-    if args.builtin_size < 2:
-        raise UserError(f"--builtin-size must be >= 2 (a training and a held-out record), got {args.builtin_size}")
+    check_args(args)
     return args
+
+
+def check_args(args):
+    """Every number and path, before any work or write: a mistake costs one line, not a run."""
+    for a in args.alpha:
+        number("--alpha", a, lo=0)
+    number("--lr", args.lr, lo=0, hi=1e30)  # AdamW's step lr / (1 - beta1) must fit in fp32 (3.4e38)
+    number("--weight-decay", args.weight_decay, lo=0)
+    number("--clip", args.clip, above=0)
+    number("--warmup", args.warmup, lo=0, hi=1)
+    number("--eval-frac", args.eval_frac, above=0, below=1)
+    for k in ("max_len", "epochs", "batch_size", "micro_batch_size", "eval_every", "save_every", "max_steps",
+              "log_every", "eval_examples", "keep", "dim", "n_layers", "n_heads"):
+        if k != "max_steps" or args.max_steps is not None:
+            number("--" + k.replace("_", "-"), getattr(args, k), lo=1)
+    number("--seed", args.seed, lo=0, below=2**32)
+    number("--builtin-size", args.builtin_size, lo=2)  # at least one training and one held-out record
+    if args.micro_batch_size > args.batch_size:
+        raise UserError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
+    if not args.init and (args.dim % args.n_heads or args.dim // args.n_heads % 2):
+        raise UserError(f"--dim {args.dim} must be --n-heads {args.n_heads} x an even head size (RoPE rotates pairs)")
+    if args.init and not Path(args.init).is_dir():
+        raise UserError(f"{args.init}: --init folder not found")
+    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
+        if path and not Path(path).is_file():
+            raise UserError(f"{path}: {flag} file not found")
+    writable_folder("--out", args.out)
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -127,21 +155,18 @@ def all_sum(*xs, device):
 def build_data(args, tok_dir, rank):
     """Tokenizer, train examples, fixed clean-loss subsets. Every rank builds the same lists."""
     if args.init:
-        if not Path(args.init).is_dir():
-            raise UserError(f"{args.init}: --init folder not found")
         tok_path = find_tokenizer(args.init)
         if tok_path is None:
             raise UserError(f"{args.init}: no tokenizer.model beside the weights or one level up")
     else:
-        tok_path = tok_dir / "tokenizer.model"  # trained once, shared by the runs of a sweep
-        if rank == 0 and not tok_path.exists():
+        # Trained by each process into a private temporary folder (byte-identical for a seed, and
+        # shared by the runs of a sweep), so nothing is written into --out before the data is checked.
+        tok_path = tok_dir / "tokenizer.model"
+        if not tok_path.exists():
             data.builtin_tokenizer(tok_path, seed=args.seed, kind=args.builtin)
-        dist.barrier()
     tok = Tokenizer(tok_path)
     fmt, template = args.format, args.template
     if args.data:
-        if not Path(args.data).is_file():
-            raise UserError(f"{args.data}: --data file not found")
         train = data.load_dataset(args.data, tok, template, args.max_len, fmt, verbose=rank == 0)
         held_out = None
         if args.eval_data:
@@ -255,8 +280,23 @@ def checkpoints(out):
     return sorted(p for p in (out / "ckpt").glob("step_*") if (p / "train_state.json").exists())
 
 
+def newest_checkpoint(out):
+    """Where --resume would continue from, in words: for the messages of a run that stops."""
+    saved = checkpoints(out)
+    return f"--resume continues from {saved[-1]}" if saved else f"no checkpoint was saved in {out}: --resume starts over at step 0"
+
+
+def check_finite(model, device, out, what):
+    """Non-finite weights are never written: a diverged run would export NaNs that sample.py turns
+    into "⁇ ⁇ ⁇". Each rank checks its own shards; the verdict is summed over ranks."""
+    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
+    if all_sum(bad, device=device)[0]:
+        raise UserError(f"non-finite weights {what}: not written; {newest_checkpoint(out)} (try a lower --lr)")
+
+
 def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep):
     """DCP: every rank writes its own shard. Written to a temporary folder, renamed when complete."""
+    check_finite(model, next(model.parameters()).device, out, f"at step {step}")
     final = out / "ckpt" / f"step_{step:07d}"
     tmp = out / "ckpt" / f".tmp-step_{step:07d}"
     if rank == 0:
@@ -268,19 +308,27 @@ def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep):
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp / f"rng_{rank}.pt")
     dist.barrier()
     if rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps({"step": step, "tokens": tokens_seen, "scheduler": sched.state_dict()}))
+        (tmp / "train_state.json").write_text(json.dumps({"step": step, "tokens": tokens_seen, "scheduler": sched.state_dict(),
+                                                          "model_args": dataclasses.asdict(model.args)}))
         os.replace(tmp, final)
         for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
     dist.barrier()
 
 
+FLAGS = {"dim": "--dim", "n_layers": "--n-layers", "n_heads": "--n-heads", "max_seq_len": "--max-len", "vocab_size": "the tokenizer"}
+
+
 def load_checkpoint(path, model, opt, sched, rank):
+    meta = json.loads((path / "train_state.json").read_text())
+    for k, v in meta.get("model_args", {}).items():  # a different shape would fail in DCP with pages of sizes
+        if getattr(model.args, k) != v:
+            raise UserError(f"{path}: the checkpoint has {k}={v} but this run has {k}={getattr(model.args, k)} "
+                            f"({FLAGS.get(k, '--init')}); resume with the checkpoint's settings")
     model_sd, optim_sd = get_state_dict(model, opt)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
     set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    meta = json.loads((path / "train_state.json").read_text())
     sched.load_state_dict(meta["scheduler"])
     rng_file = path / f"rng_{rank}.pt"
     if rng_file.exists():  # absent when resuming on more ranks than saved: nothing uses it anyway
@@ -293,6 +341,7 @@ def load_checkpoint(path, model, opt, sched, rank):
 
 def export_final(out, model, tok_path, rank, dtype):
     """Gather the shards into one Meta-format folder (model.save_meta) on rank 0."""
+    check_finite(model, next(model.parameters()).device, out, "at the end of training")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
         with torch.device("meta"):
@@ -313,6 +362,9 @@ def lr_lambda(warmup, total):
             return step / max(1, warmup)
         return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, total - warmup)))
     return f
+
+
+PROGRESS = {}  # where the current run is, for the one line that Ctrl-C prints
 
 
 def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
@@ -336,15 +388,19 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
     if saved:
         step, tokens_seen = load_checkpoint(saved[-1], model, opt, sched, rank)
         log(f"resumed from {saved[-1]} at step {step}")
+    elif args.resume:
+        log(f"--resume: no checkpoint in {out / 'ckpt'}; starting from step 0")
+    PROGRESS.update(out=out, step=step, total=total_steps)
     log_path = out / "log.jsonl"
     if rank == 0:  # keep the log consistent with the checkpoint: drop steps a killed run logged past it
+        out.mkdir(parents=True, exist_ok=True)  # the first write of a run: everything is checked by now
         old = log_path.read_text().splitlines() if log_path.exists() else []
         log_path.write_text("".join(l + "\n" for l in old if json.loads(l)["step"] <= step))
     log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {steps_per_epoch} steps/epoch, "
         f"{total_steps} steps | world {world}, {args.batch_size // (world * args.micro_batch_size)} micro-batches of "
         f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params, {str(dtype)[6:]} on {device.type}")
 
-    pbar = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
+    pbar = PROGRESS["bar"] = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     speeds, record, order_epoch = [], {}, None
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
@@ -370,12 +426,13 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
         train_loss = all_sum(loss_sum, device=device)[0] / n_resp
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             raise UserError(f"non-finite loss ({train_loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
-                            f"the weights were not updated and the last good checkpoint in {out / 'ckpt'} is kept (try a lower --lr)")
+                            f"the weights were not updated; {newest_checkpoint(out)} (try a lower --lr)")
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
         step += 1
+        PROGRESS["step"] = step
         dt = time.perf_counter() - t0
         tokens_seen += n_tok
         speeds.append(n_tok / dt)
@@ -394,6 +451,11 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
     if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
         record |= clean_losses()
     export_final(out, model, tok_path, rank, torch.float32 if args.export_dtype == "fp32" else torch.bfloat16)
+    if not args.data and args.builtin == "tasks" and rank == 0:  # the built-in tasks have checkable answers: what does the model get right?
+        answers = sample.exact_match_answers(load_meta(out / "final", dtype=torch.float32), tok, held_out)
+        (out / "accuracy.json").write_text(json.dumps(answers, indent=1) + "\n")
+        log(f"exact match of greedy answers on {len(held_out)} held-out built-in tasks: {answers['exact_match']:.1%} "
+            f"(examples in {out / 'accuracy.json'})")
     if rank == 0:  # imported here: matplotlib only when a run ends
         import plots
         plots.write_curves(out, [(alpha, kind, out)])
@@ -410,14 +472,24 @@ def write_sweep(out, results):
 
 def main(argv=None):
     rank = int(os.environ.get("RANK", 0))  # known before the process group: errors print once
+    lock = None
+    tok_dir = Path(tempfile.mkdtemp(prefix="neftune-tok-"))  # this process's built-in tokenizer
     try:
         args = parse_args(argv)
         rank, world, device = setup_distributed()
         if args.batch_size % (world * args.micro_batch_size):
             raise UserError(f"--batch-size {args.batch_size} is not a multiple of world size {world} x --micro-batch-size {args.micro_batch_size}")
         out = Path(args.out)
-        if not args.resume and out.exists() and any(out.iterdir()):
+        if not args.resume and out.exists() and any(p.name != RunLock.NAME for p in out.iterdir()):
             raise UserError(f"{out}: --out is not empty; pass --resume to continue it or choose another folder")
+        lock_error = None
+        if rank == 0:
+            try:
+                lock = RunLock(out).acquire()
+            except UserError as e:
+                lock_error = e
+        if all_sum(lock_error is not None, device=device)[0]:  # every rank stops, only rank 0 says why
+            raise lock_error or UserError("")
         log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
         log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
         runs = [(a, k) for k in args.noise for a in args.alpha]
@@ -426,20 +498,30 @@ def main(argv=None):
             name = f"alpha_{alpha:g}" + (f"_{kind}" if len(args.noise) > 1 else "")
             run_out = out / name if len(runs) > 1 else out
             dist.barrier()
-            if rank == 0:
-                run_out.mkdir(parents=True, exist_ok=True)
-            dist.barrier()
-            results.append(train_one(args, run_out, out, alpha, kind, rank, world, device, log) | {"dir": run_out})
+            results.append(train_one(args, run_out, tok_dir, alpha, kind, rank, world, device, log) | {"dir": run_out})
         if len(runs) > 1 and rank == 0:
             write_sweep(out, results)
             import plots
             plots.write_curves(out, [(r["alpha"], r["noise"], r["dir"]) for r in results])
             log((out / "sweep.md").read_text())
     except (UserError, CheckpointError, data.DataError) as e:
+        if "bar" in PROGRESS:
+            PROGRESS["bar"].close()  # the error goes on a line of its own, not after the bar
         if rank == 0:
             print(f"train.py: error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: every rank gets SIGINT; one line, no traceback
+        if "bar" in PROGRESS:
+            PROGRESS["bar"].close()
+        if rank == 0:
+            where = (f"at step {PROGRESS['step']} of {PROGRESS['total']}; {newest_checkpoint(PROGRESS['out'])}" if "step" in PROGRESS
+                     else "before training started; nothing was written")
+            print(f"train.py: interrupted {where}", file=sys.stderr)
+        return 130
     finally:
+        if lock is not None:
+            lock.release()
+        shutil.rmtree(tok_dir, ignore_errors=True)
         if dist.is_initialized():
             dist.destroy_process_group()
     return 0

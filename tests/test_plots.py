@@ -32,16 +32,16 @@ FIG_PIXELS = (plots.FIGSIZE[0] * plots.DPI, plots.FIGSIZE[1] * plots.DPI)
 
 # ---------------------------------------------------------------- recipes
 
-def test_recipes_by_name_and_implicit_defaults():
+def test_recipes_by_name_and_implicit_defaults(tmp_path):
     assert (train.parse_args([]).lr, train.parse_args([]).dim, train.parse_args([]).builtin) == (2e-3, 256, "tasks")
-    paper = train.parse_args(["--init", "somewhere"])
+    paper = train.parse_args(["--init", str(tmp_path)])
     assert (paper.lr, paper.batch_size, paper.epochs) == (5e-5, 128, 3)
     assert vars(train.parse_args(["--recipe", "demo"])) == vars(train.parse_args([]))
     fig4 = train.parse_args(["--recipe", "fig4"])
     for k, v in train.RECIPES["fig4"].items():
         assert getattr(fig4, k) == v, k
     # an explicit flag beats the recipe, and the recipe beats the implicit one
-    mine = train.parse_args(["--recipe", "fig4", "--dim", "64", "--epochs", "2", "--builtin", "tasks", "--init", "x"])
+    mine = train.parse_args(["--recipe", "fig4", "--dim", "64", "--epochs", "2", "--builtin", "tasks", "--init", str(tmp_path)])
     assert (mine.dim, mine.epochs, mine.builtin, mine.n_layers) == (64, 2, "tasks", train.RECIPES["fig4"]["n_layers"])
     with pytest.raises(train.UserError, match="--builtin-size"):
         train.parse_args(["--builtin-size", "1"])

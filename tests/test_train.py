@@ -121,7 +121,11 @@ def test_kill_and_resume_is_exact(tmp_path):
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "final").exists()
-    run(["--out", str(out), "--resume", *common])
+    newest = train.checkpoints(out)[-1]
+    step = int(newest.name.split("_")[1])
+    r = run(["--out", str(out), "--resume", *common])
+    # it really resumed, from the newest checkpoint: a silent restart from step 0 would match too
+    assert step >= 2 and f"resumed from {newest} at step {step}" in r.stdout + r.stderr
     assert losses(out) == losses(ref)  # bit-identical on CPU, step for step
     assert [r["step"] for r in log(out)] == list(range(1, 11))
     a = torch.load(out / "final" / "consolidated.00.pth", weights_only=True)
@@ -146,7 +150,7 @@ def test_sweep_writes_folders_and_table(tmp_path):
 
 
 @pytest.mark.parametrize("args, msg", [
-    (["--alpha", "-1"], "--alpha must be >= 0"),
+    (["--alpha", "-1"], "--alpha must be a finite number >= 0"),
     (["--init", "no/such/dir"], "no/such/dir: --init folder not found"),
     (["--data", "no_such.json"], "no_such.json: --data file not found"),
     (["--batch-size", "6", "--micro-batch-size", "4"], "not a multiple"),
@@ -171,6 +175,7 @@ def test_refuses_non_empty_out_and_stops_on_nan(tmp_path):
              "--batch-size", "8", "--micro-batch-size", "8"], check=False)
     assert p.returncode == 2 and "non-finite loss" in p.stderr, p.stderr[-2000:]
     ckpts = train.checkpoints(nan)
+    assert f"--resume continues from {ckpts[-1]}" in p.stderr  # names the checkpoint that exists
     assert ckpts and not (nan / "final").exists()
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
     dcp_to_torch_save(ckpts[-1], tmp_path / "last.pt")
