@@ -29,7 +29,7 @@ class LoRALinear(nn.Module):
         self.weight.requires_grad_(False)
         self.in_features, self.out_features = base.in_features, base.out_features
         self.scale = alpha / rank
-        self.dropout = nn.Dropout(dropout)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # Identity: no copy of x kept
         # adapters in fp32 whatever the base's dtype: they are the trained (master) weights
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
@@ -38,7 +38,8 @@ class LoRALinear(nn.Module):
             nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
 
     def forward(self, x):
-        side = F.linear(F.linear(self.dropout(x), self.lora_a), self.lora_b)
+        # .to: fp32 adapters on a bf16 base outside autocast/FSDP (e.g. load_adapters, then eval)
+        side = F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
         return F.linear(x, self.weight) + self.scale * side
 
     def extra_repr(self):

@@ -192,3 +192,19 @@ def test_alpha_sweep_with_lora_and_a_bf16_base(setup):
         # the frozen base was held in bf16: untargeted weights are the base's, rounded once
         assert torch.equal(final["layers.0.attention.wk.weight"], base.layers[0].attention.wk.weight.bfloat16())
         assert not torch.equal(final["layers.0.attention.wq.weight"], base.layers[0].attention.wq.weight.bfloat16())
+
+
+def test_bench_lora_counts_trainable_parameters(tmp_path):
+    out = tmp_path / "bench.json"
+    subprocess.run([sys.executable, "bench.py", "--only", "lora", "lora_memory", "--dim", "64", "--n-layers", "2", "--n-heads", "4",
+                    "--vocab", "256", "--seq-len", "32", "--batch-size", "2", "--min-time", "0.1", "--lora-rank", "4",
+                    "--lora-micro-batch", "2", "--lora-seq-len", "32", "--out", str(out)], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    r = json.loads(out.read_text())
+    # dim 64, FFN hidden 256: rank 4 x (in + out) for wq wk wv wo (64 + 64) and w1 w2 w3 (64 + 256), per block
+    adapters = 2 * 4 * (4 * 128 + 3 * 320)
+    full = 2 * 256 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 256 + 2 * 64) + 64
+    b = r["lora"]
+    assert b["lora"]["trainable_params"] == adapters and b["full"]["trainable_params"] == full
+    assert b["lora"]["tokens_per_s"] > 0 and b["full"]["tokens_per_s"] > 0
+    assert b["trainable_fraction"] == round(adapters / full, 5)
+    assert r["lora_memory"]["adapter_params"] == adapters
