@@ -218,8 +218,9 @@ def bench_lora(cfg, device, seq_len, batch_size, rounds, rank):
 
 def saved_activation_bytes(args, rank, dropout, batch_size, seq_len):
     """Bytes autograd keeps for backward in one LoRA step, measured with saved_tensors_hooks on a
-    2-layer model of args' width under bf16 autocast, LoRA on all seven linears: (one block, the
-    rest: embedding, norm, output, loss). Storages count once; weights are not activations."""
+    2-layer model of args' width under bf16 autocast, LoRA on all seven linears: (the second block,
+    the rest: the first block, which keeps less as its input needs no grad, the output and the
+    loss). Storages count once; weights are not activations."""
     torch.manual_seed(0)
     model = lora.add_lora(Transformer(ModelArgs(**{**args.__dict__, "n_layers": 2})).to(torch.bfloat16), rank, 16, dropout).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
@@ -243,20 +244,20 @@ def saved_activation_bytes(args, rank, dropout, batch_size, seq_len):
 def lora_memory(cfg, rank, micro_batch, seq_len, dropout=0.05):
     """GPU memory of LoRA training for a LLaMA shape (default: LLaMA-2-7B) on one GPU: the bf16 base,
     fp32 adapters with their gradients and AdamW's two moments (16 bytes each), and the activations
-    of one micro-batch, measured by saved_activation_bytes at that batch and length on two blocks;
-    n_layers blocks keep n_layers times one block's. --act-ckpt keeps each block's bf16 input and
-    recomputes one block at a time. Allocator slack and temporaries come on top."""
+    of one micro-batch, measured by saved_activation_bytes at that batch and length on two blocks:
+    blocks 2..n_layers each keep what the second one does. --act-ckpt keeps each block's bf16 input
+    and recomputes one block at a time. Allocator slack and temporaries come on top."""
     args = ModelArgs(**cfg)
     with torch.device("meta"):
         model = lora.add_lora(Transformer(args), rank, 16)
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     adapters = model.num_params() - base
     block, rest = saved_activation_bytes(args, rank, dropout, micro_batch, seq_len)
-    acts, acts_ckpt = args.n_layers * block + rest, args.n_layers * 2 * args.dim * micro_batch * seq_len + block + rest
+    acts, acts_ckpt = (args.n_layers - 1) * block + rest, args.n_layers * 2 * args.dim * micro_batch * seq_len + block + rest
     gb = lambda b: round(b / 1e9, 2)
     out = {"config": {**cfg, "rank": rank, "micro_batch": micro_batch, "seq_len": seq_len, "dropout": dropout},
            "base_bf16_gb": gb(2 * base), "adapter_params": adapters, "adapters_grads_adamw_gb": gb(16 * adapters),
-           "activations_per_block_gb": gb(block), "activations_rest_gb": gb(rest),
+           "activations_per_block_gb": gb(block), "activations_first_block_and_output_gb": gb(rest),
            "activations_gb": gb(acts), "activations_act_ckpt_gb": gb(acts_ckpt),
            "total_gb": gb(2 * base + 16 * adapters + acts), "total_act_ckpt_gb": gb(2 * base + 16 * adapters + acts_ckpt)}
     out["full_finetune_weights_grads_adamw_gb"] = gb(16 * base)  # fp32 master + grad + 2 moments, before activations
