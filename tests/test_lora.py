@@ -7,9 +7,11 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import lora
@@ -86,6 +88,21 @@ def test_bad_lora_flags_one_line_exit_2(tmp_path, capsys, args, msg):
     lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and msg in lines[0], lines
     assert not out.exists()  # checked before any work or write
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_build_model_freezes_the_base_in_the_compute_dtype(tmp_path, dtype):
+    # bf16 compute: the frozen base is held in bf16 (no fp32 copy), the adapters in fp32
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        args = train.parse_args(["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--lora-rank", "2", "--lora-targets", "wo", "w1"])
+        model = train.build_model(args, SimpleNamespace(n_words=50), torch.device("cpu"), dtype)
+        for name, p in model.named_parameters():
+            adapter = lora.is_adapter(name)
+            assert p.requires_grad == adapter and p.dtype == (torch.float32 if adapter else dtype), name
+        assert sum(lora.is_adapter(n) for n, _ in model.named_parameters()) == 4
+    finally:
+        dist.destroy_process_group()
 
 
 @pytest.fixture(scope="module")
@@ -189,7 +206,7 @@ def test_alpha_sweep_with_lora_and_a_bf16_base(setup):
     assert l0["tokens"] == l5["tokens"] and l0["loss"] != l5["loss"]  # same data, the noise differs
     for a in ("0", "5"):
         final = torch.load(out / f"alpha_{a}" / "final" / "consolidated.00.pth", weights_only=True)
-        # the frozen base was held in bf16: untargeted weights are the base's, rounded once
+        # with a bf16 base (see test_build_model_...): untargeted weights are the base's, rounded once to bf16
         assert torch.equal(final["layers.0.attention.wk.weight"], base.layers[0].attention.wk.weight.bfloat16())
         assert not torch.equal(final["layers.0.attention.wq.weight"], base.layers[0].attention.wq.weight.bfloat16())
 
