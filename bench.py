@@ -1,8 +1,9 @@
 """Speed and memory against the machine's own limits, measured in the same run: training tokens/s
 and MFU, NEFTune's cost, decode tokens/s against memory bandwidth, load_meta's peak memory, the loss's peak
-memory at LLaMA-3's vocabulary (whole logits vs chunked).
+memory at LLaMA-3's vocabulary (whole logits vs chunked), LoRA against full finetuning, and LoRA's
+memory for LLaMA-2-7B (lora_memory).
 
-    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load loss
+    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load loss lora lora_memory
     python bench.py --only train --compile --dtypes fp32 bf16
 """
 import argparse
@@ -18,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import lora
 from model import ModelArgs, Transformer, load_meta, save_meta
 from noise import neftune
 from sample import generate
@@ -179,6 +181,91 @@ def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, n
     out["cache_speedup_batch1"] = round(out["tokens_per_s_batch1"] / nocache, 2)
     return out
 
+def bench_lora(cfg, device, seq_len, batch_size, rounds, rank):
+    """A LoRA step (rank r on all seven linears, base frozen, alpha 16, dropout 0.05) next to a full
+    finetuning step at the same config, noise on: tokens/s (best of alternating steps, as in
+    bench_noise), trainable parameters, and on GPU each one's peak memory above what was there
+    before it was built. bf16 on GPU (LoRA's base held in bf16, as train.py does), fp32 on CPU."""
+    args, dtype = ModelArgs(**cfg), torch.bfloat16 if device.type == "cuda" else torch.float32
+    tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len), device=device)
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    out, steps = {"config": {**cfg, "seq_len": seq_len, "batch_size": batch_size, "rank": rank, "dtype": str(dtype)[6:]}}, {}
+    for name in ("full", "lora"):
+        before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        torch.manual_seed(0)
+        model = Transformer(args)
+        if name == "lora":
+            lora.add_lora(model.to(dtype), rank, alpha=16, dropout=0.05)
+        params = [p for p in model.to(device).train().parameters() if p.requires_grad]
+        steps[name] = train_step_fn(model, torch.optim.AdamW(params, lr=1e-4, foreach=True), tokens, mask, dtype, device, alpha=5.0)
+        steps[name]()  # warm-up, and the peak memory of a step
+        out[name] = {"trainable_params": sum(p.numel() for p in params)}
+        if device.type == "cuda":
+            out[name]["peak_memory_gb"] = round((torch.cuda.max_memory_allocated() - before) / 1e9, 3)
+    times = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, fn in steps.items():
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    for name in steps:
+        out[name] |= {"step_s": round(min(times[name]), 4), "tokens_per_s": round(batch_size * seq_len / min(times[name]), 1)}
+    out["lora_over_full_tokens_per_s"] = round(out["lora"]["tokens_per_s"] / out["full"]["tokens_per_s"], 3)
+    out["trainable_fraction"] = round(out["lora"]["trainable_params"] / out["full"]["trainable_params"], 5)
+    return out
+
+
+def saved_activation_bytes(args, rank, dropout, batch_size, seq_len):
+    """Bytes autograd keeps for backward in one LoRA step, measured with saved_tensors_hooks on a
+    2-layer model of args' width under bf16 autocast, LoRA on all seven linears: (the second block,
+    the rest: the first block, which keeps less as its input needs no grad, the output and the
+    loss). Storages count once; weights are not activations."""
+    torch.manual_seed(0)
+    model = lora.add_lora(Transformer(ModelArgs(**{**args.__dict__, "n_layers": 2})).to(torch.bfloat16), rank, 16, dropout).train()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    where, saved = ["rest"], {}
+    last = model.layers[-1]  # the first block sees an input that needs no grad, so it keeps less
+    last.register_forward_pre_hook(lambda m, a: where.__setitem__(0, "block"))
+    last.register_forward_hook(lambda m, a, o: where.__setitem__(0, "rest"))
+
+    def pack(t):
+        s = t.untyped_storage()
+        if s.data_ptr() not in weights:
+            saved[s.data_ptr()] = (where[0], s.nbytes())
+        return t
+    tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", dtype=torch.bfloat16):
+        F.cross_entropy(model(tokens)[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
+    block = sum(n for w, n in saved.values() if w == "block")
+    return block, sum(n for _, n in saved.values()) - block
+
+
+def lora_memory(cfg, rank, micro_batch, seq_len, dropout=0.05):
+    """GPU memory of LoRA training for a LLaMA shape (default: LLaMA-2-7B) on one GPU: the bf16 base,
+    fp32 adapters with their gradients and AdamW's two moments (16 bytes each), and the activations
+    of one micro-batch, measured by saved_activation_bytes at that batch and length on two blocks:
+    blocks 2..n_layers each keep what the second one does. --act-ckpt keeps each block's bf16 input
+    and recomputes one block at a time. Allocator slack and temporaries come on top."""
+    args = ModelArgs(**cfg)
+    with torch.device("meta"):
+        model = lora.add_lora(Transformer(args), rank, 16)
+    base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    adapters = model.num_params() - base
+    block, rest = saved_activation_bytes(args, rank, dropout, micro_batch, seq_len)
+    acts, acts_ckpt = (args.n_layers - 1) * block + rest, args.n_layers * 2 * args.dim * micro_batch * seq_len + block + rest
+    gb = lambda b: round(b / 1e9, 2)
+    out = {"config": {**cfg, "rank": rank, "micro_batch": micro_batch, "seq_len": seq_len, "dropout": dropout},
+           "base_bf16_gb": gb(2 * base), "adapter_params": adapters, "adapters_grads_adamw_gb": gb(16 * adapters),
+           "activations_per_block_gb": gb(block), "activations_first_block_and_output_gb": gb(rest),
+           "activations_gb": gb(acts), "activations_act_ckpt_gb": gb(acts_ckpt),
+           "total_gb": gb(2 * base + 16 * adapters + acts), "total_act_ckpt_gb": gb(2 * base + 16 * adapters + acts_ckpt)}
+    out["full_finetune_weights_grads_adamw_gb"] = gb(16 * base)  # fp32 master + grad + 2 moments, before activations
+    return out
+
+
 # A LLaMA-shaped model of 1.11B parameters: 2.2 GB in bf16, the size class of TinyLlama-1.1B.
 LOAD_CFG = dict(dim=2048, n_layers=19, n_heads=16, vocab_size=32000, multiple_of=256)
 LOAD_ARGS = ModelArgs(**LOAD_CFG)
@@ -314,6 +401,7 @@ def bench_loss(cfg, batch_size, seq_len):
 
 
 TRAIN_CFG = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256)  # the issue's default config
+LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256)
 DECODE_CFG = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=256)  # ~134M parameters
 
 
@@ -329,6 +417,8 @@ PARTS = {
                                         a.prompt_len, a.decode_batches, a.nocache_tokens, a.copy_mb),
     "load": lambda a, d: bench_load(a.load_dir, ModelArgs(**size_cfg(LOAD_CFG, a))),
     "loss": lambda a, d: bench_loss(size_cfg(LOSS_CFG, a), a.loss_batch_size, a.seq_len),
+    "lora": lambda a, d: bench_lora(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.noise_rounds, a.lora_rank),
+    "lora_memory": lambda a, d: lora_memory(size_cfg(LLAMA2_7B, a), a.lora_rank, a.lora_micro_batch, a.lora_seq_len),
 }
 
 
@@ -350,7 +440,7 @@ def main(argv=None):
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-time", type=float, default=10.0, help="seconds of timed training steps per variant")
-    p.add_argument("--noise-rounds", type=int, default=6, help="alternating alpha 0 / alpha 5 steps timed")
+    p.add_argument("--noise-rounds", type=int, default=6, help="alternating steps timed: alpha 0 / 5 (noise), full / LoRA (lora)")
     p.add_argument("--dim", type=int, help="override the model width (tiny runs: tests)")
     p.add_argument("--n-layers", type=int)
     p.add_argument("--n-heads", type=int)
@@ -365,6 +455,9 @@ def main(argv=None):
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--load-dir", default="/tmp/neftune_bench_ckpt",
                    help="cache folder for the generated checkpoint of the load bench (reused if present)")
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the lora and lora_memory parts")
+    p.add_argument("--lora-micro-batch", type=int, default=4, help="lora_memory: micro-batch (LLaMA-2-7B by default)")
+    p.add_argument("--lora-seq-len", type=int, default=512, help="lora_memory: sequence length")
     p.add_argument("--out", default="bench.json", help="results, merged into the file's existing parts")
     p.add_argument("--loss-batch-size", type=int, default=4, help="micro-batch of the loss-memory bench (x --seq-len)")
     p.add_argument("--_load-child", dest="load_child", help=argparse.SUPPRESS)

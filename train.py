@@ -31,6 +31,7 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import data
+import lora
 import sample
 from checks import RunLock, UserError, number, writable_folder
 from model import CheckpointError, ModelArgs, Tokenizer, Transformer, find_tokenizer, load_meta, save_meta
@@ -83,6 +84,10 @@ def parse_args(argv=None):
     p.add_argument("--export-dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of OUT/final (Meta ships bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--act-ckpt", action="store_true", help="recompute each block's activations in backward")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank R: train adapters W + (alpha/R) B A on a frozen base (lora.py); 0 = full finetuning")
+    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (the adapters' scale is alpha/R; 16 as in QLoRA)")
+    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
+    p.add_argument("--lora-targets", nargs="+", default=list(lora.TARGETS), help="linears of each block to adapt")
 
     def error(msg):  # argparse's own errors: one line, not a usage block, and printed once under torchrun
         raise UserError(msg)
@@ -122,6 +127,11 @@ def check_args(args):
         if path and not Path(path).is_file():
             raise UserError(f"{path}: {flag} file not found")
     writable_folder("--out", args.out)
+    number("--lora-rank", args.lora_rank, lo=0)  # 0 = full finetuning
+    number("--lora-alpha", args.lora_alpha, above=0)
+    number("--lora-dropout", args.lora_dropout, lo=0, below=1)
+    if lora.check_targets(args.lora_targets):
+        raise UserError(f"--lora-targets: unknown {' '.join(lora.check_targets(args.lora_targets))} (known: {' '.join(lora.TARGETS)})")
 
 
 # ----------------------------------------------------------------------------- distributed setup
@@ -197,11 +207,15 @@ def build_model(args, tok, device, dtype):
         model = load_meta(args.init)
         if model.args.vocab_size != tok.n_words:
             raise UserError(f"{args.init}: tokenizer has {tok.n_words} pieces but the model's embedding has {model.args.vocab_size}")
-        model = model.float()  # FSDP keeps fp32 master weights; MixedPrecisionPolicy/autocast compute in bf16
+        if not (args.lora_rank and dtype == torch.bfloat16):  # a frozen LoRA base needs no fp32 master copy
+            model = model.float()  # FSDP keeps fp32 master weights; MixedPrecisionPolicy/autocast compute in bf16
     else:
         torch.manual_seed(args.seed)  # same init on every rank; fully_shard then keeps each rank's slice
         model = Transformer(ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, multiple_of=32,
                                       vocab_size=tok.n_words, max_seq_len=args.max_len))
+    if args.lora_rank:  # freeze the base, add fp32 adapters; the base stays bf16 when computing in bf16 (7B: 13.5 GB)
+        model = model.to(torch.bfloat16) if dtype == torch.bfloat16 else model
+        lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=args.seed)
     model.train()
     if args.act_ckpt:  # trade compute for memory: keep only each block's input for backward
         for layer in model.layers:
@@ -294,7 +308,21 @@ def check_finite(model, device, out, what):
         raise UserError(f"non-finite weights {what}: not written; {newest_checkpoint(out)} (try a lower --lr)")
 
 
-def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep):
+# With LoRA, checkpoints hold only the trainable adapters and their AdamW state: the frozen base is
+# rebuilt on resume from --init (or from --seed without it). dcp.load fails on any planned key the
+# checkpoint lacks, so strict=False only lets set_state_dict skip the frozen keys nobody planned.
+TRAINABLE = StateDictOptions(ignore_frozen_params=True)
+TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
+
+
+def lora_config(args):
+    """What re-applies the adapters; also recorded in checkpoints so --resume refuses other flags."""
+    if not args.lora_rank:
+        return None
+    return dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=list(args.lora_targets))
+
+
+def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep, lora_cfg=None):
     """DCP: every rank writes its own shard. Written to a temporary folder, renamed when complete."""
     check_finite(model, next(model.parameters()).device, out, f"at step {step}")
     final = out / "ckpt" / f"step_{step:07d}"
@@ -303,13 +331,13 @@ def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep):
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, opt)
+    model_sd, optim_sd = get_state_dict(model, opt, options=TRAINABLE)
     dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
     torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp / f"rng_{rank}.pt")
     dist.barrier()
     if rank == 0:
         (tmp / "train_state.json").write_text(json.dumps({"step": step, "tokens": tokens_seen, "scheduler": sched.state_dict(),
-                                                          "model_args": dataclasses.asdict(model.args)}))
+                                                          "model_args": dataclasses.asdict(model.args), "lora": lora_cfg}))
         os.replace(tmp, final)
         for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
@@ -325,10 +353,10 @@ def load_checkpoint(path, model, opt, sched, rank):
         if getattr(model.args, k) != v:
             raise UserError(f"{path}: the checkpoint has {k}={v} but this run has {k}={getattr(model.args, k)} "
                             f"({FLAGS.get(k, '--init')}); resume with the checkpoint's settings")
-    model_sd, optim_sd = get_state_dict(model, opt)
+    model_sd, optim_sd = get_state_dict(model, opt, options=TRAINABLE)
     state = {"model": model_sd, "optim": optim_sd}
     dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=TRAINABLE_LOAD)
     sched.load_state_dict(meta["scheduler"])
     rng_file = path / f"rng_{rank}.pt"
     if rng_file.exists():  # absent when resuming on more ranks than saved: nothing uses it anyway
@@ -339,11 +367,15 @@ def load_checkpoint(path, model, opt, sched, rank):
     return meta["step"], meta["tokens"]
 
 
-def export_final(out, model, tok_path, rank, dtype):
-    """Gather the shards into one Meta-format folder (model.save_meta) on rank 0."""
+def export_final(out, model, tok_path, rank, dtype, lora_cfg=None):
+    """Gather the shards into one Meta-format folder (model.save_meta) on rank 0. With LoRA: the
+    merged model W + (alpha/R) B A, and the adapters alone in OUT/adapters.pth."""
     check_finite(model, next(model.parameters()).device, out, "at the end of training")
     full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if rank == 0:
+        if lora_cfg:
+            lora.save_adapters(out / "adapters.pth", full, **lora_cfg)
+            full = lora.merge_state_dict(full, lora_cfg["alpha"] / lora_cfg["rank"], dtype)
         with torch.device("meta"):
             plain = Transformer(model.args)
         plain.load_state_dict(full, assign=True)
@@ -377,7 +409,11 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
         raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, fewer than one global batch of {args.batch_size}")
     total_steps = args.max_steps or steps_per_epoch * args.epochs
     model = build_model(args, tok, device, dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), foreach=True)
+    params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
+    lora_cfg = lora_config(args)
+    if lora_cfg:  # LoRA dropout draws from the global RNG: one stream per rank, saved in checkpoints
+        torch.manual_seed(args.seed + rank)
+    opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(math.ceil(args.warmup * total_steps), total_steps))
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
     clean_losses = lambda: {"clean_train_loss": clean_loss(model, clean_train, args, rank, world, device, autocast, tok.pad_id),
@@ -386,6 +422,10 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
     step = tokens_seen = 0
     saved = checkpoints(out) if args.resume else []
     if saved:
+        saved_lora = json.loads((saved[-1] / "train_state.json").read_text()).get("lora")
+        if saved_lora != lora_cfg:
+            raise UserError(f"{saved[-1]}: saved with LoRA settings {saved_lora}, this run has {lora_cfg}; "
+                            f"resume with the same --lora-* flags (and the same --init)")
         step, tokens_seen = load_checkpoint(saved[-1], model, opt, sched, rank)
         log(f"resumed from {saved[-1]} at step {step}")
     elif args.resume:
@@ -398,7 +438,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
         log_path.write_text("".join(l + "\n" for l in old if json.loads(l)["step"] <= step))
     log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {steps_per_epoch} steps/epoch, "
         f"{total_steps} steps | world {world}, {args.batch_size // (world * args.micro_batch_size)} micro-batches of "
-        f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params, {str(dtype)[6:]} on {device.type}")
+        f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params ({sum(p.numel() for p in params) / 1e6:.3f}M trained), {str(dtype)[6:]} on {device.type}")
 
     pbar = PROGRESS["bar"] = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     speeds, record, order_epoch = [], {}, None
@@ -421,7 +461,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
             # x world because FSDP averages gradients over ranks
             (loss * world / n_resp).backward()
             loss_sum += loss.item()
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), args.clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, args.clip)
         grad_norm = float(grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm)
         train_loss = all_sum(loss_sum, device=device)[0] / n_resp
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
@@ -446,11 +486,11 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
         pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tok / dt:,.0f}", **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
         pbar.update(1)
         if step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(out, model, opt, sched, step, int(tokens_seen), rank, args.keep)
+            save_checkpoint(out, model, opt, sched, step, int(tokens_seen), rank, args.keep, lora_cfg)
     pbar.close()
     if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
         record |= clean_losses()
-    export_final(out, model, tok_path, rank, torch.float32 if args.export_dtype == "fp32" else torch.bfloat16)
+    export_final(out, model, tok_path, rank, torch.float32 if args.export_dtype == "fp32" else torch.bfloat16, lora_cfg)
     if not args.data and args.builtin == "tasks" and rank == 0:  # the built-in tasks have checkable answers: what does the model get right?
         answers = sample.exact_match_answers(load_meta(out / "final", dtype=torch.float32), tok, held_out)
         (out / "accuracy.json").write_text(json.dumps(answers, indent=1) + "\n")

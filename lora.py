@@ -1,0 +1,113 @@
+"""LoRA (Hu et al. 2021, arXiv 2106.09685): finetune a frozen model through low-rank side paths,
+h = W x + (alpha / r) B A x, with A random and B zero so that step 0 is exactly the base model.
+
+    lora.add_lora(model, rank=16, alpha=16, dropout=0.05)          # train.py --lora-rank 16
+    plain = lora.merge_state_dict(model.state_dict(), 16 / 16)     # Meta's keys, W + (alpha/r) B A
+
+Base weights keep their Meta key names (layers.0.attention.wq.weight) and the adapters sit beside
+them (layers.0.attention.wq.lora_a, .lora_b), so a Meta checkpoint still loads into the base.
+"""
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # every linear of a block; QLoRA found all were needed
+ADAPTER_KEYS = ("lora_a", "lora_b")
+
+
+class LoRALinear(nn.Module):
+    """A frozen nn.Linear (no bias, as in LLaMA) plus the side path x -> dropout -> A -> B -> scale,
+    as torchtune's LoRALinear: the d_out x d_in delta B A is never formed while training."""
+
+    def __init__(self, base: nn.Linear, rank, alpha, dropout, generator=None):
+        super().__init__()
+        self.weight = base.weight  # same Parameter, same key name
+        self.weight.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.scale = alpha / rank
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()  # Identity: no copy of x kept
+        # adapters in fp32 whatever the base's dtype: they are the trained (master) weights
+        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
+        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
+        if self.lora_a.device.type != "meta":
+            # microsoft/LoRA's init: A as nn.Linear's default (Kaiming-uniform, a=sqrt(5)), B = 0
+            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
+
+    def forward(self, x):
+        # .to: fp32 adapters on a bf16 base outside autocast/FSDP (e.g. load_adapters, then eval)
+        side = F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
+        return F.linear(x, self.weight) + self.scale * side
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, rank={self.lora_a.shape[0]}, scale={self.scale:g}"
+
+
+def check_targets(targets):
+    """Unknown target names, as a list (empty when all are known)."""
+    return [t for t in targets if t not in TARGETS]
+
+
+def add_lora(model, rank, alpha, dropout=0.0, targets=TARGETS, seed=0):
+    """Freeze every parameter of model and wrap the targeted linears of each block in LoRALinear,
+    in place. A is drawn from one generator seeded by `seed`, in module order: every rank of a run
+    builds the same adapters. Returns the model."""
+    if check_targets(targets):
+        raise ValueError(f"unknown LoRA targets {check_targets(targets)}; known: {' '.join(TARGETS)}")
+    for p in model.parameters():
+        p.requires_grad_(False)
+    gen = torch.Generator().manual_seed(seed)
+    for layer in model.layers:
+        for parent in (layer.attention, layer.feed_forward):
+            for name in TARGETS:
+                if name in targets and isinstance(getattr(parent, name, None), nn.Linear):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, gen))
+    return model
+
+
+def is_adapter(key):
+    return key.rsplit(".", 1)[-1] in ADAPTER_KEYS
+
+
+def lora_state_dict(state):
+    """The adapters alone, from a model's (full) state dict: a few MB where the model has GBs."""
+    return {k: v for k, v in state.items() if is_adapter(k)}
+
+
+@torch.no_grad()
+def merge_state_dict(state, scale, dtype=torch.float32):
+    """A plain model's state dict in Meta's key names: each adapted W becomes W + scale * B A, summed
+    in fp32 and then cast to dtype (once: a bf16 base is not rounded twice); the adapter keys are
+    dropped and every other tensor is passed through unchanged."""
+    merged = {k: v for k, v in state.items() if not is_adapter(k)}
+    for k in state:
+        if k.endswith(".lora_a"):
+            stem = k[: -len(".lora_a")]
+            a, b = state[k].float(), state[stem + ".lora_b"].float()
+            merged[stem + ".weight"] = (state[stem + ".weight"].float() + scale * (b @ a)).to(dtype)
+    return merged
+
+
+def save_adapters(path, state, rank, alpha, dropout, targets):
+    """The adapters and what re-applies them (load_adapters), loadable with weights_only=True.
+    Written under a temporary name and renamed, so a crash never leaves half a file."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save({"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
+                "adapters": {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(state).items()}}, tmp)
+    os.replace(tmp, path)
+
+
+def load_adapters(model, path):
+    """Re-apply a save_adapters file to a base model (e.g. load_meta of the --init folder), in place."""
+    d = torch.load(path, map_location="cpu", weights_only=True)
+    add_lora(model, d["rank"], d["alpha"], d["dropout"], d["targets"])
+    dev = next(model.parameters()).device
+    result = model.load_state_dict({k: v.to(dev) for k, v in d["adapters"].items()}, strict=False)
+    missing = [k for k in result.missing_keys if is_adapter(k)]
+    if missing or result.unexpected_keys:
+        raise ValueError(f"{path}: adapters do not fit this model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+    return model
