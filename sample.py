@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -49,9 +50,50 @@ def next_token(logits, seen, temperature, top_p, repetition_penalty, generator=N
     return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
 
 
+# Compiled decoding (gpt-fast's recipe): the one-token step is compiled once per batch shape and then
+# replayed; on CUDA under mode "reduce-overhead" it replays as a CUDA graph, so a step costs one launch.
+CACHE_BUCKET = 256  # compiled decoding rounds the cache length up to this: few shapes, few compiles
+_compiled_steps = {}  # torch.compile'd decode_step per mode
+_static_caches = weakref.WeakKeyDictionary()  # model -> {(batch, length, dtype, device): [KVCache per layer]}
+
+
+def decode_step(model, tok, t, pad, mask):
+    """generate()'s one-token step with the same shapes at every t, so that one compiled graph serves
+    them all: the cache slot t is a 0-d tensor (a Python int would be baked into the graph), the new
+    K/V are written in place at t, and the keys are the whole static cache, slots after t masked.
+    tok (B,), pad (B,) left-padding per row, mask (B, cache length): True at real tokens."""
+    key_mask = mask & (torch.arange(mask.shape[1], device=mask.device) <= t)
+    return model(tok[:, None], cache_pos=t.view(1), mask=key_mask, positions=(t - pad)[:, None])[:, -1]
+
+
+def compiled_step(device):
+    mode = "reduce-overhead" if device.type == "cuda" else None  # CPU: no graphs to replay
+    if mode not in _compiled_steps:
+        _compiled_steps[mode] = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
+    return _compiled_steps[mode]
+
+
+def attach_static_cache(model, batch_size, max_len):
+    """Caches for the compiled step live as long as the model, one set per shape, and are marked as
+    static addresses: the compiled graph (a CUDA graph on GPU) is built for these very buffers and
+    reused by every later call of that shape instead of being recompiled or re-recorded."""
+    p = model.output.weight
+    caches = _static_caches.setdefault(model, {})
+    key = (batch_size, max_len, p.dtype, p.device)
+    if key not in caches:
+        model.setup_cache(batch_size, max_len)
+        caches[key] = [layer.attention.cache for layer in model.layers]
+        for c in caches[key]:
+            torch._dynamo.mark_static_address(c.k)
+            torch._dynamo.mark_static_address(c.v)
+    for layer, c in zip(model.layers, caches[key]):
+        c.k.zero_(), c.v.zero_()  # stale slots are masked anyway; zeros keep them finite
+        layer.attention.cache = c
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
-             eos_id=None, seed=None, on_token=None):
+             eos_id=None, seed=None, on_token=None, compile=False):
     """Continue each prompt (a list of token ids; lengths may differ) in one batch -> each prompt's new
     tokens, cut before EOS. max_new_tokens: an int, or one budget per prompt. Greedy when temperature
     is 0, else temperature + top-p sampling from a generator seeded by `seed` (the draws depend on the
@@ -61,7 +103,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     Prompts are left-padded so every row's next token sits in the same column: the padded prompt block
     is prefilled once, then each step feeds one token per row at cache position t. `mask` hides the
     padding and `positions` start each row's RoPE at its first real token, so a row gives exactly the
-    tokens it gives alone."""
+    tokens it gives alone. compile=True runs each step through torch.compile'd decode_step (the
+    same tokens; the first call of each batch shape pays the compile)."""
     if not prompts:
         return []
     B = len(prompts)
@@ -84,7 +127,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     tokens = tokens.to(device)
     pad = torch.tensor([P - n for n in lens], device=device)
     cols = torch.arange(P, device=device)
-    mask = torch.ones(B, P + N - 1, dtype=torch.bool, device=device)  # generated columns are real tokens
+    L = P + N - 1  # the last chosen token is never fed back
+    if compile:
+        L = CACHE_BUCKET * -(-L // CACHE_BUCKET)
+    mask = torch.ones(B, L, dtype=torch.bool, device=device)  # generated columns are real tokens
     mask[:, :P] = cols >= pad[:, None]
     positions = (cols - pad[:, None]).clamp(min=0)  # padding's positions are masked anyway
     # Which tokens each row has seen, for the penalty: counted with scatter_add so padding adds 0
@@ -98,7 +144,11 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     rows = torch.arange(B, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     key_mask = mask if bool((pad > 0).any()) else None  # no padding: SDPA's mask-free kernels
-    model.setup_cache(B, P + N - 1)  # the last chosen token is never fed back
+    if compile:
+        attach_static_cache(model, B, L)
+        step_fn = compiled_step(device)
+    else:
+        model.setup_cache(B, L)
     try:
         logits = model(tokens, mask=None if key_mask is None else key_mask[:, :P], positions=positions, cache_pos=0)[:, -1]
         for step in range(N):
@@ -115,6 +165,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
             if step == N - 1 or bool(done.all()):  # one sync per step: cheap next to a forward pass
                 break
             t = P + step
+            if compile:
+                logits = step_fn(model, tok, torch.tensor(t, device=device), pad, mask)
+                continue
             step_mask = None if key_mask is None else key_mask[:, :t + 1]
             logits = model(tok[:, None], cache_pos=t, mask=step_mask, positions=(t - pad)[:, None])[:, -1]
     finally:
@@ -231,6 +284,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (same tokens; "
+                   "pays off for long answers, CUDA graphs on GPU)")
     a = p.parse_args(argv)
     if a.batch_size < 1 or (a.limit is not None and a.limit < 1):
         p.error("--batch-size and --limit must be at least 1")
@@ -266,7 +321,7 @@ def main(argv=None):
         print(f"sample.py: warning: {budgets.count(0)} prompt(s) use the whole budget; their answers are empty",
               file=sys.stderr)
     settings = dict(temperature=a.temperature, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                    eos_id=tok.eos_id, seed=a.seed)
+                    eos_id=tok.eos_id, seed=a.seed, compile=a.compile)
 
     if records is None:
         stream = TextStream(tok)
