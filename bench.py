@@ -1,7 +1,7 @@
 """Speed and memory against the machine's own limits, measured in the same run: training tokens/s
 and MFU, NEFTune's cost, decode tokens/s against memory bandwidth, load_meta's peak memory.
 
-    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load
+    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load decode1
     python bench.py --only train --compile --dtypes fp32 bf16
 """
 import argparse
@@ -177,6 +177,61 @@ def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, n
     out["cache_speedup_batch1"] = round(out["tokens_per_s_batch1"] / nocache, 2)
     return out
 
+
+def bench_decode1(cfg, device, dtype_names, new_tokens, prompt_len, rounds, copy_mb, profile=False):
+    """Batch-1 decode, eager and compiled (generate(compile=True)), per weight dtype, against the copy-
+    bandwidth limit and against the model's own mat-vecs run alone (what the BLAS allows: if that is
+    near the decode speed, the mat-vec is the wall). Tokens/s = N / time of generate(N tokens), the
+    prompt's prefill included as in bench_decode. Every measurement takes turns within each round,
+    best of the rounds, so a shared machine slows them alike."""
+    args = ModelArgs(**cfg)
+    prompt = torch.randint(3, args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    src = torch.ones(copy_mb << 18, device=device)  # copy_mb MiB of fp32
+    dst = torch.empty_like(src)
+    out = {"config": cfg, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads()}
+    for name in dtype_names:
+        torch.manual_seed(0)
+        model = Transformer(args).to(device, DTYPES[name]).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        xs = {n: torch.randn(1, n, device=device, dtype=DTYPES[name]) for n in {w.shape[1] for w in linears}}
+        t0 = time.perf_counter()
+        generate(model, prompt, 2, compile=True)
+        compile_s = time.perf_counter() - t0
+        fns = {"copy": lambda: dst.copy_(src), "matvecs": lambda: [F.linear(xs[w.shape[1]], w) for w in linears]}
+        for c in (False, True):
+            fns["compiled" if c else "eager"] = lambda c=c: generate(model, prompt, new_tokens, compile=c)
+        best = dict.fromkeys(fns, float("inf"))
+        with torch.inference_mode():
+            for fn in fns.values():  # warm-up
+                fn()
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    sync(device)
+                    t = time.perf_counter()
+                    fn()
+                    sync(device)
+                    best[k] = min(best[k], time.perf_counter() - t)
+        limit = 2 * src.numel() * 4 / best["copy"] / weight_bytes
+        r = {"weight_gb": round(weight_bytes / 1e9, 3), "copy_bandwidth_gb_s": round(2 * src.numel() * 4 / best["copy"] / 1e9, 2),
+             "bandwidth_limit_tokens_per_s": round(limit, 1), "compile_s": round(compile_s, 1),
+             "matvecs_only_tokens_per_s": round(1 / best["matvecs"], 1),
+             "matvecs_gb_s": round(sum(w.numel() * w.element_size() for w in linears) / best["matvecs"] / 1e9, 2)}
+        for mode in ("eager", "compiled"):
+            tok_s = new_tokens / best[mode]
+            r[f"{mode}_tokens_per_s"] = round(tok_s, 1)
+            r[f"{mode}_fraction_of_limit"] = round(tok_s / limit, 3)
+        out[name] = r
+        if profile:  # where a compiled step's time goes: expect the BLAS mat-vecs (aten::mm / addmm) on top
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            for c in (False, True):
+                with torch_profile(activities=acts) as prof:
+                    generate(model, prompt, 32, compile=c)
+                print(f"== decode1 profile, {name}, {'compiled' if c else 'eager'}, 32 tokens")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return out
+
 # A LLaMA-shaped model of 1.11B parameters: 2.2 GB in bf16, the size class of TinyLlama-1.1B.
 LOAD_ARGS = ModelArgs(dim=2048, n_layers=19, n_heads=16, vocab_size=32000, multiple_of=256)
 
@@ -284,6 +339,8 @@ PARTS = {
     "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode_dtype, a.new_tokens,
                                         a.prompt_len, a.decode_batches, a.nocache_tokens, a.copy_mb),
     "load": lambda a, d: bench_load(a.load_dir),
+    "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode1_dtypes, a.new_tokens,
+                                          a.prompt_len, a.decode1_rounds, a.copy_mb, a.profile),
 }
 
 
@@ -314,6 +371,10 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--decode1-dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"],
+                   help="weight dtypes of the batch-1 eager-vs-compiled decode part")
+    p.add_argument("--decode1-rounds", type=int, default=5, help="alternating rounds of the decode1 part (best of)")
+    p.add_argument("--profile", action="store_true", help="decode1: print a torch.profiler table of eager and compiled decoding")
     p.add_argument("--nocache-tokens", type=int, default=256, help="tokens of the no-cache reference loop")
     p.add_argument("--peak-n", type=int, default=4096, help="largest square size for the matmul peak")
     p.add_argument("--copy-mb", type=int, default=1024, help="size of the bandwidth-measuring copy")
