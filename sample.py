@@ -53,7 +53,7 @@ def next_token(logits, seen, temperature, top_p, repetition_penalty, generator=N
 # Compiled decoding (gpt-fast's recipe): the one-token step is compiled once per batch shape and then
 # replayed; on CUDA under mode "reduce-overhead" it replays as a CUDA graph, so a step costs one launch.
 CACHE_BUCKET = 256  # compiled decoding rounds the cache length up to this: few shapes, few compiles
-_compiled_steps = {}  # torch.compile'd decode_step per mode
+_compiled_steps = {}  # torch.compile'd decode_step per device type
 _static_caches = weakref.WeakKeyDictionary()  # model -> {(batch, length, dtype, device): [KVCache per layer]}
 
 
@@ -66,11 +66,26 @@ def decode_step(model, tok, t, pad, mask):
     return model(tok[:, None], cache_pos=t.view(1), mask=key_mask, positions=(t - pad)[:, None])[:, -1]
 
 
+def matvec(a, b, out_dtype=None):
+    """aten.mm for the compiled CPU step at batch 1, as a multiply-and-sum in fp32. MKL runs a batch-1
+    mat-vec on one core at well under the memory bandwidth (bench.py decode1 profiles it); written
+    this way, inductor emits one vectorised reduction per weight, split across the cores."""
+    if a.shape[0] != 1 or out_dtype is not None:
+        return NotImplemented  # batched decoding: a real matmul
+    return (a.float()[:, :, None] * b.float()[None]).sum(1).to(a.dtype)
+
+
 def compiled_step(device):
-    mode = "reduce-overhead" if device.type == "cuda" else None  # CPU: no graphs to replay
-    if mode not in _compiled_steps:
-        _compiled_steps[mode] = torch.compile(decode_step, mode=mode, fullgraph=True, dynamic=False)
-    return _compiled_steps[mode]
+    if device.type not in _compiled_steps:
+        if device.type == "cuda":  # the step replays as a CUDA graph: one launch per token
+            backend = dict(mode="reduce-overhead")
+        else:
+            from torch._inductor.compile_fx import compile_fx
+            from torch._inductor.decomposition import select_decomp_table
+            decomps = {**select_decomp_table(), torch.ops.aten.mm.default: matvec}
+            backend = dict(backend=lambda gm, inputs: compile_fx(gm, inputs, decompositions=decomps))
+        _compiled_steps[device.type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **backend)
+    return _compiled_steps[device.type]
 
 
 def attach_static_cache(model, batch_size, max_len):
