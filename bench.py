@@ -3,6 +3,8 @@ and MFU, NEFTune's cost, decode tokens/s against memory bandwidth, load_meta's p
 
     python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load decode1
     python bench.py --only train --compile --dtypes fp32 bf16
+    python bench.py --only train --preset tinyllama --seq-len 2048 --batch-size 4 --dtypes bf16 --compile   # GPU: MFU
+    python bench.py --only decode1 --preset llama2-7b --decode1-dtypes bf16 --new-tokens 128             # GPU: 7B decode
 """
 import argparse
 import json
@@ -191,7 +193,8 @@ def bench_decode1(cfg, device, dtype_names, new_tokens, prompt_len, rounds, copy
     out = {"config": cfg, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads()}
     for name in dtype_names:
         torch.manual_seed(0)
-        model = Transformer(args).to(device, DTYPES[name]).eval()
+        with torch.device(device):  # a 7B model is initialised where it runs, not on the host
+            model = Transformer(args).to(DTYPES[name]).eval()
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
         xs = {n: torch.randn(1, n, device=device, dtype=DTYPES[name]) for n in {w.shape[1] for w in linears}}
@@ -328,7 +331,13 @@ TRAIN_CFG = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=2
 DECODE_CFG = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=256)  # ~134M parameters
 
 
+# Real shapes for the GPU runs: TinyLlama-1.1B (training MFU at seq 2048) and LLaMA-2-7B (batch-1 decode)
+PRESETS = {"tinyllama": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, multiple_of=256),
+           "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256)}
+
+
 def size_cfg(cfg, a):
+    cfg = PRESETS[a.preset] if a.preset else cfg
     return {**cfg, **{k: v for k, v in (("dim", a.dim), ("n_layers", a.n_layers), ("n_heads", a.n_heads), ("vocab_size", a.vocab)) if v}}
 
 
@@ -336,10 +345,10 @@ PARTS = {
     "train": lambda a, d: bench_train(size_cfg(TRAIN_CFG, a), a.dtypes, [False, True] if a.compile else [False], d,
                                       a.seq_len, a.batch_size, a.min_time, a.peak_n),
     "noise": lambda a, d: bench_noise(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.noise_rounds),
-    "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode_dtype, a.new_tokens,
+    "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a), d, a.decode_dtype, a.new_tokens,
                                         a.prompt_len, a.decode_batches, a.nocache_tokens, a.copy_mb),
     "load": lambda a, d: bench_load(a.load_dir),
-    "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode1_dtypes, a.new_tokens,
+    "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a), d, a.decode1_dtypes, a.new_tokens,
                                           a.prompt_len, a.decode1_rounds, a.copy_mb, a.profile),
 }
 
@@ -363,6 +372,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-time", type=float, default=10.0, help="seconds of timed training steps per variant")
     p.add_argument("--noise-rounds", type=int, default=6, help="alternating alpha 0 / alpha 5 steps timed")
+    p.add_argument("--preset", choices=list(PRESETS), help="model shape of the train, noise, decode and decode1 parts (--dim etc. still override)")
     p.add_argument("--dim", type=int, help="override the model width (tiny runs: tests)")
     p.add_argument("--n-layers", type=int)
     p.add_argument("--n-heads", type=int)

@@ -80,9 +80,13 @@ def compiled_step(device):
         if device.type == "cuda":  # the step replays as a CUDA graph: one launch per token
             backend = dict(mode="reduce-overhead")
         else:
+            from torch._decomp import get_decompositions
             from torch._inductor.compile_fx import compile_fx
             from torch._inductor.decomposition import select_decomp_table
-            decomps = {**select_decomp_table(), torch.ops.aten.mm.default: matvec}
+            # and attention as plain ops, which inductor fuses: the CPU flash kernel costs more per
+            # call than the work of one query against a short cache (bench.py decode1 --profile)
+            sdpa = get_decompositions([torch.ops.aten._scaled_dot_product_flash_attention_for_cpu])
+            decomps = {**select_decomp_table(), **sdpa, torch.ops.aten.mm.default: matvec}
             backend = dict(backend=lambda gm, inputs: compile_fx(gm, inputs, decompositions=decomps))
         _compiled_steps[device.type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **backend)
     return _compiled_steps[device.type]
@@ -102,7 +106,8 @@ def attach_static_cache(model, batch_size, max_len):
             torch._dynamo.mark_static_address(c.k)
             torch._dynamo.mark_static_address(c.v)
     for layer, c in zip(model.layers, caches[key]):
-        c.k.zero_(), c.v.zero_()  # stale slots are masked anyway; zeros keep them finite
+        c.k.zero_()  # stale slots are masked anyway; zeros keep them finite
+        c.v.zero_()
         layer.attention.cache = c
 
 
