@@ -119,7 +119,7 @@ BF16_MARGIN = 1.3  # bf16 autocast only where its matmul is clearly faster: it a
 def matmul_flops(n=512, seconds=0.2):
     """Best FLOP/s of an n x n CPU matmul -> (fp32, bf16), timed in turn for ~`seconds` so that a
     shared machine slows both alike, after one warm-up product each (n = 512: the size class of
-    the demo model's matmuls, 2048 rows x 256 x 768)."""
+    the demo model's matmuls, 2048 rows x 256 x 704)."""
     pairs = [(torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)) for dt in (torch.float32, torch.bfloat16)]
     best = [float("inf")] * len(pairs)
     for a, b in pairs:
