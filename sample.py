@@ -87,7 +87,12 @@ def compiled_step(device):
             # call than the work of one query against a short cache (bench.py decode1 --profile)
             sdpa = get_decompositions([torch.ops.aten._scaled_dot_product_flash_attention_for_cpu])
             decomps = {**select_decomp_table(), **sdpa, torch.ops.aten.mm.default: matvec}
-            backend = dict(backend=lambda gm, inputs: compile_fx(gm, inputs, decompositions=decomps))
+
+            def cpu_backend(gm, inputs):  # the compile caches key on the traced graph, not on these
+                # decompositions: a plain torch.compile of the same step would be returned without them
+                with torch._functorch.config.patch(enable_autograd_cache=False):
+                    return compile_fx(gm, inputs, decompositions=decomps, config_patches={"fx_graph_cache": False})
+            backend = dict(backend=cpu_backend)
         _compiled_steps[device.type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **backend)
     return _compiled_steps[device.type]
 
