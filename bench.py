@@ -3,8 +3,10 @@ and MFU, NEFTune's cost, decode tokens/s against memory bandwidth, load_meta's p
 memory at LLaMA-3's vocabulary (whole logits vs chunked), LoRA against full finetuning, and LoRA's
 memory for LLaMA-2-7B (lora_memory).
 
-    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load loss lora lora_memory
+    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load loss decode1 lora lora_memory
     python bench.py --only train --compile --dtypes fp32 bf16
+    python bench.py --only train --preset tinyllama --seq-len 2048 --batch-size 4 --dtypes bf16 --compile   # GPU: MFU
+    python bench.py --only decode1 --preset llama2-7b --decode1-dtypes bf16 --new-tokens 128             # GPU: 7B decode
 """
 import argparse
 import json
@@ -266,6 +268,62 @@ def lora_memory(cfg, rank, micro_batch, seq_len, dropout=0.05):
     return out
 
 
+
+def bench_decode1(cfg, device, dtype_names, new_tokens, prompt_len, rounds, copy_mb, profile=False):
+    """Batch-1 decode, eager and compiled (generate(compile=True)), per weight dtype, against the copy-
+    bandwidth limit and against the model's own mat-vecs run alone (what the BLAS allows: if that is
+    near the decode speed, the mat-vec is the wall). Tokens/s = N / time of generate(N tokens), the
+    prompt's prefill included as in bench_decode. Every measurement takes turns within each round,
+    best of the rounds, so a shared machine slows them alike."""
+    args = ModelArgs(**cfg)
+    prompt = torch.randint(3, args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    src = torch.ones(copy_mb << 18, device=device)  # copy_mb MiB of fp32
+    dst = torch.empty_like(src)
+    out = {"config": cfg, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads()}
+    for name in dtype_names:
+        torch.manual_seed(0)
+        with torch.device(device):  # a 7B model is initialised where it runs, not on the host
+            model = Transformer(args).to(DTYPES[name]).eval()
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
+        xs = {n: torch.randn(1, n, device=device, dtype=DTYPES[name]) for n in {w.shape[1] for w in linears}}
+        t0 = time.perf_counter()
+        generate(model, prompt, 2, compile=True)
+        compile_s = time.perf_counter() - t0
+        fns = {"copy": lambda: dst.copy_(src), "matvecs": lambda: [F.linear(xs[w.shape[1]], w) for w in linears]}
+        for c in (False, True):
+            fns["compiled" if c else "eager"] = lambda c=c: generate(model, prompt, new_tokens, compile=c)
+        best = dict.fromkeys(fns, float("inf"))
+        with torch.inference_mode():
+            for fn in fns.values():  # warm-up
+                fn()
+            for _ in range(rounds):
+                for k, fn in fns.items():
+                    sync(device)
+                    t = time.perf_counter()
+                    fn()
+                    sync(device)
+                    best[k] = min(best[k], time.perf_counter() - t)
+        limit = 2 * src.numel() * 4 / best["copy"] / weight_bytes
+        r = {"weight_gb": round(weight_bytes / 1e9, 3), "copy_bandwidth_gb_s": round(2 * src.numel() * 4 / best["copy"] / 1e9, 2),
+             "bandwidth_limit_tokens_per_s": round(limit, 1), "compile_s": round(compile_s, 1),
+             "matvecs_only_tokens_per_s": round(1 / best["matvecs"], 1),
+             "matvecs_gb_s": round(sum(w.numel() * w.element_size() for w in linears) / best["matvecs"] / 1e9, 2)}
+        for mode in ("eager", "compiled"):
+            tok_s = new_tokens / best[mode]
+            r[f"{mode}_tokens_per_s"] = round(tok_s, 1)
+            r[f"{mode}_fraction_of_limit"] = round(tok_s / limit, 3)
+        out[name] = r
+        if profile:  # where a compiled step's time goes: expect the BLAS mat-vecs (aten::mm / addmm) on top
+            from torch.profiler import ProfilerActivity, profile as torch_profile
+            acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+            for c in (False, True):
+                with torch_profile(activities=acts) as prof:
+                    generate(model, prompt, 32, compile=c)
+                print(f"== decode1 profile, {name}, {'compiled' if c else 'eager'}, 32 tokens")
+                print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
+    return out
+
 # A LLaMA-shaped model of 1.11B parameters: 2.2 GB in bf16, the size class of TinyLlama-1.1B.
 LOAD_CFG = dict(dim=2048, n_layers=19, n_heads=16, vocab_size=32000, multiple_of=256)
 LOAD_ARGS = ModelArgs(**LOAD_CFG)
@@ -405,7 +463,13 @@ LLAMA2_7B = dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_o
 DECODE_CFG = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=256)  # ~134M parameters
 
 
-def size_cfg(cfg, a):
+# Real shapes for the GPU runs: TinyLlama-1.1B (training MFU at seq 2048) and LLaMA-2-7B (batch-1 decode)
+PRESETS = {"tinyllama": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vocab_size=32000, multiple_of=256),
+           "llama2-7b": dict(dim=4096, n_layers=32, n_heads=32, vocab_size=32000, multiple_of=256)}
+
+
+def size_cfg(cfg, a, preset=True):
+    cfg = PRESETS[a.preset] if a.preset and preset else cfg
     return {**cfg, **{k: v for k, v in (("dim", a.dim), ("n_layers", a.n_layers), ("n_heads", a.n_heads), ("vocab_size", a.vocab)) if v}}
 
 
@@ -413,12 +477,14 @@ PARTS = {
     "train": lambda a, d: bench_train(size_cfg(TRAIN_CFG, a), a.dtypes, [False, True] if a.compile else [False], d,
                                       a.seq_len, a.batch_size, a.min_time, a.peak_n),
     "noise": lambda a, d: bench_noise(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.noise_rounds),
-    "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a) if a.dim else DECODE_CFG, d, a.decode_dtype, a.new_tokens,
+    "decode": lambda a, d: bench_decode(size_cfg(DECODE_CFG, a), d, a.decode_dtype, a.new_tokens,
                                         a.prompt_len, a.decode_batches, a.nocache_tokens, a.copy_mb),
-    "load": lambda a, d: bench_load(a.load_dir, ModelArgs(**size_cfg(LOAD_CFG, a))),
-    "loss": lambda a, d: bench_loss(size_cfg(LOSS_CFG, a), a.loss_batch_size, a.seq_len),
+    "load": lambda a, d: bench_load(a.load_dir, ModelArgs(**size_cfg(LOAD_CFG, a, preset=False))),
+    "loss": lambda a, d: bench_loss(size_cfg(LOSS_CFG, a, preset=False), a.loss_batch_size, a.seq_len),
     "lora": lambda a, d: bench_lora(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.noise_rounds, a.lora_rank),
-    "lora_memory": lambda a, d: lora_memory(size_cfg(LLAMA2_7B, a), a.lora_rank, a.lora_micro_batch, a.lora_seq_len),
+    "lora_memory": lambda a, d: lora_memory(size_cfg(LLAMA2_7B, a, preset=False), a.lora_rank, a.lora_micro_batch, a.lora_seq_len),
+    "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a), d, a.decode1_dtypes, a.new_tokens,
+                                          a.prompt_len, a.decode1_rounds, a.copy_mb, a.profile),
 }
 
 
@@ -441,6 +507,7 @@ def main(argv=None):
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-time", type=float, default=10.0, help="seconds of timed training steps per variant")
     p.add_argument("--noise-rounds", type=int, default=6, help="alternating steps timed: alpha 0 / 5 (noise), full / LoRA (lora)")
+    p.add_argument("--preset", choices=list(PRESETS), help="model shape of the train, noise, decode and decode1 parts (--dim etc. still override)")
     p.add_argument("--dim", type=int, help="override the model width (tiny runs: tests)")
     p.add_argument("--n-layers", type=int)
     p.add_argument("--n-heads", type=int)
@@ -449,6 +516,10 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--decode1-dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"],
+                   help="weight dtypes of the batch-1 eager-vs-compiled decode part")
+    p.add_argument("--decode1-rounds", type=int, default=5, help="alternating rounds of the decode1 part (best of)")
+    p.add_argument("--profile", action="store_true", help="decode1: print a torch.profiler table of eager and compiled decoding")
     p.add_argument("--nocache-tokens", type=int, default=256, help="tokens of the no-cache reference loop")
     p.add_argument("--peak-n", type=int, default=4096, help="largest square size for the matmul peak")
     p.add_argument("--copy-mb", type=int, default=1024, help="size of the bandwidth-measuring copy")

@@ -113,6 +113,10 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
 
     def update(self, pos, k, v):
+        if isinstance(pos, torch.Tensor):  # compiled decoding (sample.py): one slot given as a tensor, so
+            self.k[:, :, pos] = k  # the graph is the same at every step; keys are the whole cache, and
+            self.v[:, :, pos] = v  # the caller's mask hides the slots not yet written
+            return self.k, self.v
         end = pos + k.shape[2]
         self.k[:, :, pos:end] = k
         self.v[:, :, pos:end] = v
@@ -219,9 +223,11 @@ class Transformer(nn.Module):
         mask: (B, start+T) bool, True at real tokens (right- or left-padded batches).
         positions: (B, T) RoPE positions (default start..start+T-1); packed rows restart them
         per document together with segment_ids (B, T). cache_pos: where these T tokens go in the
-        KV cache while generating (setup_cache). head(h, output) replaces the output layer on the
-        final normed states h: train.py computes the loss there, chunk by chunk, so (B, T, vocab)
-        logits never exist whole (a hook inside forward, again, so that FSDP gathers the output)."""
+        KV cache while generating (setup_cache); a 1-element tensor for a compiled decode step
+        (sample.decode_step), which then needs `positions` and a mask over the whole cache.
+        head(h, output) replaces the output layer on the final normed states h: train.py computes
+        the loss there, chunk by chunk, so (B, T, vocab) logits never exist whole (a hook inside
+        forward, again, so that FSDP gathers the output)."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
             h = noise(h)
@@ -229,7 +235,10 @@ class Transformer(nn.Module):
         if positions is None:
             positions = torch.arange(cache_pos, cache_pos + T, device=h.device).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.args.dim // self.args.n_heads, self.args.rope_theta, self.args.use_scaled_rope)
-        attn_mask = attention_mask(T, cache_pos, mask, segment_ids, h.device)
+        if isinstance(cache_pos, torch.Tensor):  # static-shape decoding: mask (B, cache length) is final
+            attn_mask = mask[:, None, None, :]
+        else:
+            attn_mask = attention_mask(T, cache_pos, mask, segment_ids, h.device)
         for layer in self.layers:
             h = layer(h, cos, sin, attn_mask, cache_pos)
         return self.output(self.norm(h)) if head is None else head(self.norm(h), self.output)

@@ -9,6 +9,7 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 import torch
@@ -50,9 +51,75 @@ def next_token(logits, seen, temperature, top_p, repetition_penalty, generator=N
     return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
 
 
+# Compiled decoding (gpt-fast's recipe): the one-token step is compiled once per batch shape and then
+# replayed; on CUDA under mode "reduce-overhead" it replays as a CUDA graph, so a step costs one launch.
+CACHE_BUCKET = 256  # compiled decoding rounds the cache length up to this: few shapes, few compiles
+_compiled_steps = {}  # torch.compile'd decode_step per device type
+_static_caches = weakref.WeakKeyDictionary()  # model -> {(batch, length, dtype, device): [KVCache per layer]}
+
+
+def decode_step(model, tok, t, pad, mask):
+    """generate()'s one-token step with the same shapes at every t, so that one compiled graph serves
+    them all: the cache slot t is a 0-d tensor (a Python int would be baked into the graph), the new
+    K/V are written in place at t, and the keys are the whole static cache, slots after t masked.
+    tok (B,), pad (B,) left-padding per row, mask (B, cache length): True at real tokens."""
+    key_mask = mask & (torch.arange(mask.shape[1], device=mask.device) <= t)
+    return model(tok[:, None], cache_pos=t.view(1), mask=key_mask, positions=(t - pad)[:, None])[:, -1]
+
+
+def matvec(a, b, out_dtype=None):
+    """aten.mm for the compiled CPU step at batch 1, as a multiply-and-sum in fp32. MKL runs a batch-1
+    mat-vec on one core at well under the memory bandwidth (bench.py decode1 profiles it); written
+    this way, inductor emits one vectorised reduction per weight, split across the cores."""
+    if a.shape[0] != 1 or out_dtype is not None:
+        return NotImplemented  # batched decoding: a real matmul
+    return (a.float()[:, :, None] * b.float()[None]).sum(1).to(a.dtype)
+
+
+def compiled_step(device):
+    if device.type not in _compiled_steps:
+        if device.type == "cuda":  # the step replays as a CUDA graph: one launch per token
+            backend = dict(mode="reduce-overhead")
+        else:
+            from torch._decomp import get_decompositions
+            from torch._inductor.compile_fx import compile_fx
+            from torch._inductor.decomposition import select_decomp_table
+            # and attention as plain ops, which inductor fuses: the CPU flash kernel costs more per
+            # call than the work of one query against a short cache (bench.py decode1 --profile)
+            sdpa = get_decompositions([torch.ops.aten._scaled_dot_product_flash_attention_for_cpu])
+            decomps = {**select_decomp_table(), **sdpa, torch.ops.aten.mm.default: matvec}
+
+            def cpu_backend(gm, inputs):  # the compile caches key on the traced graph, not on these
+                # decompositions: a plain torch.compile of the same step would be returned without them
+                with torch._functorch.config.patch(enable_autograd_cache=False):
+                    return compile_fx(gm, inputs, decompositions=decomps, config_patches={"fx_graph_cache": False})
+            backend = dict(backend=cpu_backend)
+        _compiled_steps[device.type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **backend)
+    return _compiled_steps[device.type]
+
+
+def attach_static_cache(model, batch_size, max_len):
+    """Caches for the compiled step live as long as the model, one set per shape, and are marked as
+    static addresses: the compiled graph (a CUDA graph on GPU) is built for these very buffers and
+    reused by every later call of that shape instead of being recompiled or re-recorded."""
+    p = model.output.weight
+    caches = _static_caches.setdefault(model, {})
+    key = (batch_size, max_len, p.dtype, p.device)
+    if key not in caches:
+        model.setup_cache(batch_size, max_len)
+        caches[key] = [layer.attention.cache for layer in model.layers]
+        for c in caches[key]:
+            torch._dynamo.mark_static_address(c.k)
+            torch._dynamo.mark_static_address(c.v)
+    for layer, c in zip(model.layers, caches[key]):
+        c.k.zero_()  # stale slots are masked anyway; zeros keep them finite
+        c.v.zero_()
+        layer.attention.cache = c
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
-             eos_id=None, seed=None, on_token=None):
+             eos_id=None, seed=None, on_token=None, compile=False):
     """Continue each prompt (a list of token ids; lengths may differ) in one batch -> each prompt's new
     tokens, cut before the first stop token: eos_id is one id or a collection of ids (LLaMA-3 ends an
     answer at <|eot_id|>, <|eom_id|> or <|end_of_text|>: Tokenizer.stop_ids). max_new_tokens: an int,
@@ -63,7 +130,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     Prompts are left-padded so every row's next token sits in the same column: the padded prompt block
     is prefilled once, then each step feeds one token per row at cache position t. `mask` hides the
     padding and `positions` start each row's RoPE at its first real token, so a row gives exactly the
-    tokens it gives alone."""
+    tokens it gives alone. compile=True runs each step through torch.compile'd decode_step (the
+    same tokens; the first call of each batch shape pays the compile)."""
     if not prompts:
         return []
     B = len(prompts)
@@ -86,7 +154,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     tokens = tokens.to(device)
     pad = torch.tensor([P - n for n in lens], device=device)
     cols = torch.arange(P, device=device)
-    mask = torch.ones(B, P + N - 1, dtype=torch.bool, device=device)  # generated columns are real tokens
+    L = P + N - 1  # the last chosen token is never fed back
+    if compile:
+        L = CACHE_BUCKET * -(-L // CACHE_BUCKET)
+    mask = torch.ones(B, L, dtype=torch.bool, device=device)  # generated columns are real tokens
     mask[:, :P] = cols >= pad[:, None]
     positions = (cols - pad[:, None]).clamp(min=0)  # padding's positions are masked anyway
     # Which tokens each row has seen, for the penalty: counted with scatter_add so padding adds 0
@@ -101,7 +172,11 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
     stop = None if eos_id is None else torch.tensor([int(i) for i in eos_id] if hasattr(eos_id, "__iter__") else [int(eos_id)], device=device)
     key_mask = mask if bool((pad > 0).any()) else None  # no padding: SDPA's mask-free kernels
-    model.setup_cache(B, P + N - 1)  # the last chosen token is never fed back
+    if compile:
+        attach_static_cache(model, B, L)
+        step_fn = compiled_step(device)
+    else:
+        model.setup_cache(B, L)
     try:
         logits = model(tokens, mask=None if key_mask is None else key_mask[:, :P], positions=positions, cache_pos=0)[:, -1]
         for step in range(N):
@@ -118,6 +193,9 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
             if step == N - 1 or bool(done.all()):  # one sync per step: cheap next to a forward pass
                 break
             t = P + step
+            if compile:
+                logits = step_fn(model, tok, torch.tensor(t, device=device), pad, mask)
+                continue
             step_mask = None if key_mask is None else key_mask[:, :t + 1]
             logits = model(tok[:, None], cache_pos=t, mask=step_mask, positions=(t - pad)[:, None])[:, -1]
     finally:
@@ -287,6 +365,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (same tokens; "
+                   "pays off for long answers, CUDA graphs on GPU)")
 
     def fail(msg):  # one line naming the file, exit 2, no traceback
         p.exit(2, f"sample.py: error: {msg}\n")
@@ -319,7 +399,7 @@ def main(argv=None):
         print(f"sample.py: warning: {budgets.count(0)} prompt(s) use the whole budget; their answers are empty",
               file=sys.stderr)
     settings = dict(temperature=a.temperature, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
-                    eos_id=tok.stop_ids, seed=a.seed)
+                    eos_id=tok.stop_ids, seed=a.seed, compile=a.compile)
 
     if records is None:
         stream = TextStream(tok)

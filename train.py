@@ -80,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-examples", type=int, default=256, help="examples in the fixed subsets for clean losses")
     p.add_argument("--keep", type=int, default=2, help="resumable checkpoints kept")
     p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), help="bf16: FSDP mixed precision on GPU, autocast on CPU (default: bf16 on GPU, fp32 on CPU)")
+    p.add_argument("--dtype", choices=("bf16", "fp32"), help="bf16: FSDP mixed precision on GPU, autocast on CPU (default: bf16 on GPU; "
+                   "on CPU bf16 where a quick matmul timing finds it clearly faster, else fp32; a resume keeps its checkpoint's)")
     p.add_argument("--export-dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of OUT/final (Meta ships bf16)")
     p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
     p.add_argument("--act-ckpt", action="store_true", help="recompute each block's activations in backward")
@@ -158,6 +159,67 @@ def all_sum(*xs, device):
     t = torch.tensor(xs, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
+
+
+# ----------------------------------------------------------------------------- the training dtype
+
+BF16_MARGIN = 1.3  # bf16 autocast only where its matmul is clearly faster: it adds casts, and CPUs
+# without bf16 units (AVX2 only) run bf16 matmuls ~100x slower than fp32
+
+
+def matmul_flops(n=512, seconds=0.2):
+    """Best FLOP/s of an n x n CPU matmul -> (fp32, bf16), timed in turn for ~`seconds` so that a
+    shared machine slows both alike, after one warm-up product each (n = 512: the size class of
+    the demo model's matmuls, 2048 rows x 256 x 704)."""
+    pairs = [(torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)) for dt in (torch.float32, torch.bfloat16)]
+    best = [float("inf")] * len(pairs)
+    for a, b in pairs:
+        a @ b
+    reps, start = 0, time.perf_counter()
+    while reps < 2 or time.perf_counter() - start < seconds:
+        for i, (a, b) in enumerate(pairs):
+            t = time.perf_counter()
+            a @ b
+            best[i] = min(best[i], time.perf_counter() - t)
+        reps += 1
+    return tuple(2 * n ** 3 / t for t in best)
+
+
+def pick_cpu_dtype(fp32_flops, bf16_flops):
+    return "bf16" if bf16_flops > BF16_MARGIN * fp32_flops else "fp32"
+
+
+def saved_dtype(out, device):
+    """The dtype the run(s) in `out` started with, from their checkpoints' train_state.json (a sweep
+    keeps one run per subfolder); None without a checkpoint."""
+    states = [*out.glob("ckpt/step_*/train_state.json"), *out.glob("*/ckpt/step_*/train_state.json")]
+    # checkpoints written before the dtype was recorded trained in the old default
+    found = {json.loads(p.read_text()).get("dtype", "bf16" if device.type == "cuda" else "fp32") for p in states}
+    if len(found) > 1:
+        raise UserError(f"{out}: its checkpoints were trained in different dtypes ({', '.join(sorted(found))})")
+    return found.pop() if found else None
+
+
+def choose_dtype(args, device, out):
+    """-> (dtype name, why). A resume keeps the dtype its checkpoint records; else --dtype; else bf16
+    on CUDA; else the faster of bf16 autocast and fp32 on this CPU, measured (~0.2 s)."""
+    saved = saved_dtype(out, device) if args.resume else None
+    if saved:
+        if args.dtype and args.dtype != saved:
+            raise UserError(f"--dtype {args.dtype}: {out} was trained in {saved} (its train_state.json) and a resume "
+                            f"keeps that dtype; drop --dtype or pass --dtype {saved}")
+        return saved, "kept from the checkpoint being resumed"
+    if args.dtype:
+        return args.dtype, "--dtype"
+    if device.type == "cuda":
+        return "bf16", "CUDA default: FSDP mixed precision"
+    flops = torch.tensor(matmul_flops(), dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast(flops, 0)  # rank 0's figures: every rank must choose the same
+    f32, b16 = flops.tolist()
+    name = pick_cpu_dtype(f32, b16)
+    return name, (f"measured on this CPU: 512^3 matmul bf16 {b16 / 1e9:.1f} vs fp32 {f32 / 1e9:.1f} GFLOP/s; "
+                  f"bf16 autocast only if > {BF16_MARGIN}x fp32")
 
 
 # ----------------------------------------------------------------------------- data
@@ -322,7 +384,7 @@ def lora_config(args):
     return dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=list(args.lora_targets))
 
 
-def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep, lora_cfg=None):
+def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep, lora_cfg=None, dtype=None):
     """DCP: every rank writes its own shard. Written to a temporary folder, renamed when complete."""
     check_finite(model, next(model.parameters()).device, out, f"at step {step}")
     final = out / "ckpt" / f"step_{step:07d}"
@@ -337,7 +399,8 @@ def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep, lora_
     dist.barrier()
     if rank == 0:
         (tmp / "train_state.json").write_text(json.dumps({"step": step, "tokens": tokens_seen, "scheduler": sched.state_dict(),
-                                                          "model_args": dataclasses.asdict(model.args), "lora": lora_cfg}))
+                                                          "model_args": dataclasses.asdict(model.args), "lora": lora_cfg,
+                                                          "dtype": dtype}))
         os.replace(tmp, final)
         for old in checkpoints(out)[:-keep]:
             shutil.rmtree(old)
@@ -486,7 +549,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
         pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tok / dt:,.0f}", **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
         pbar.update(1)
         if step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(out, model, opt, sched, step, int(tokens_seen), rank, args.keep, lora_cfg)
+            save_checkpoint(out, model, opt, sched, step, int(tokens_seen), rank, args.keep, lora_cfg, args.dtype)
     pbar.close()
     if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
         record |= clean_losses()
@@ -531,6 +594,8 @@ def main(argv=None):
         if all_sum(lock_error is not None, device=device)[0]:  # every rank stops, only rank 0 says why
             raise lock_error or UserError("")
         log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
+        args.dtype, why = choose_dtype(args, device, out)  # first: the rest of the run depends on it
+        log(f"dtype: {args.dtype} ({why})")
         log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
         runs = [(a, k) for k in args.noise for a in args.alpha]
         results = []
