@@ -19,7 +19,9 @@ def test_bench_tiny_config(tmp_path):
     train = r["train"]
     run = train["runs"]["fp32"]
     assert train["matmul_peak_fp32_tflops"] > 0 and run["tokens_per_s"] > 0
-    assert 0 < run["mfu"] < 1
+    # no upper bound: the peak and the step are timed at different moments, and on a shared machine a
+    # busy spell during the peak's measurement can put a tiny model's MFU above 1; the formula is checked below
+    assert run["mfu"] > 0
     # MFU is tokens/s x FLOPs/token / peak, and tokens/s is batch x seq / step time
     assert abs(run["tokens_per_s"] - 2 * 32 / run["step_s"]) / run["tokens_per_s"] < 0.01
     # relative: an MFU of a few percent would pass any absolute tolerance of 0.01 (rounding: 4 digits)
@@ -33,7 +35,7 @@ def test_bench_tiny_config(tmp_path):
     d = r["decode"]
     assert d["n_params"] == n and d["copy_bandwidth_gb_s"] > 0
     assert d["tokens_per_s_batch1"] > 0 and d["tokens_per_s_batch4"] > 0 and d["nocache_tokens_per_s_batch1"] > 0
-    assert 0 < d["fraction_of_bandwidth_limit_batch1"] < 1
+    assert d["fraction_of_bandwidth_limit_batch1"] > 0  # no upper bound, as for the MFU above
     assert math.isclose(d["fraction_of_bandwidth_limit_batch1"], d["tokens_per_s_batch1"] / d["bandwidth_limit_tokens_per_s_batch1"],
                         rel_tol=0.01)
 
