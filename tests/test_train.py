@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import checkpoint
 import data
 import train
 from model import ModelArgs, Tokenizer, Transformer, load_meta, save_meta
@@ -121,7 +122,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "final").exists()
-    newest = train.checkpoints(out)[-1]
+    newest = checkpoint.checkpoints(out)[-1]
     step = int(newest.name.split("_")[1])
     r = run(["--out", str(out), "--resume", *common])
     # it really resumed, from the newest checkpoint: a silent restart from step 0 would match too
@@ -174,7 +175,7 @@ def test_refuses_non_empty_out_and_stops_on_nan(tmp_path):
     p = run(["--out", str(nan), "--max-steps", "20", "--lr", "1e30", "--warmup", "0", "--save-every", "1",
              "--batch-size", "8", "--micro-batch-size", "8"], check=False)
     assert p.returncode == 2 and "non-finite loss" in p.stderr, p.stderr[-2000:]
-    ckpts = train.checkpoints(nan)
+    ckpts = checkpoint.checkpoints(nan)
     assert f"--resume continues from {ckpts[-1]}" in p.stderr  # names the checkpoint that exists
     assert ckpts and not (nan / "final").exists()
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
