@@ -27,6 +27,7 @@ from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+import builtin_data
 import data
 import lora
 import sample
@@ -167,7 +168,7 @@ def build_data(args, tok_dir, rank):
         # shared by the runs of a sweep), so nothing is written into --out before the data is checked.
         tok_path = tok_dir / "tokenizer.model"
         if not tok_path.exists():
-            data.builtin_tokenizer(tok_path, seed=args.seed, kind=args.builtin)
+            builtin_data.builtin_tokenizer(tok_path, seed=args.seed, kind=args.builtin)
     tok = Tokenizer(tok_path)
     fmt, template = args.format, args.template
     if args.data:
@@ -176,7 +177,7 @@ def build_data(args, tok_dir, rank):
         if args.eval_data:
             held_out = data.load_dataset(args.eval_data, tok, template, args.max_len, fmt, verbose=rank == 0)
     else:
-        train = data.tokenize_records(data.builtin_records(args.seed, args.builtin_size, args.builtin), tok, template or "alpaca", args.max_len,
+        train = data.tokenize_records(builtin_data.builtin_records(args.seed, args.builtin_size, args.builtin), tok, template or "alpaca", args.max_len,
                                       source="built-in data", verbose=rank == 0)
         held_out = None
     if held_out is None:

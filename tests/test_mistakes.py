@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import builtin_data
 import checkpoint
 import data
 import sample
@@ -57,7 +58,7 @@ def one_error_line(stderr, prog="train.py"):
 def alpaca_file(path, n, seed=0):
     """n short built-in tasks as an Alpaca JSON file (checkable answers, fixed by seed)."""
     recs = [{"instruction": m[0]["content"], "input": m[0]["input"], "output": m[1]["content"]}
-            for m in data.builtin_records(seed=seed, n=n)]
+            for m in builtin_data.builtin_records(seed=seed, n=n)]
     path.write_text(json.dumps(recs))
     return path
 
@@ -160,7 +161,7 @@ def test_params_json_with_a_string_dim(tmp_path, capsys):
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):
-    tok = data.builtin_tokenizer(tmp_path / "tokenizer.model", seed=3)
+    tok = builtin_data.builtin_tokenizer(tmp_path / "tokenizer.model", seed=3)
     torch.manual_seed(0)
     save_meta(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16)),
               tmp_path / "ckpt", dtype=torch.float32)
@@ -237,7 +238,7 @@ def test_exact_match_by_hand():
 
 def test_exact_match_answers_on_examples(tmp_path):
     # a scripted model: it says the first example's reference, then EOS, whatever it is asked
-    tok = data.builtin_tokenizer(tmp_path / "tokenizer.model", seed=1)
+    tok = builtin_data.builtin_tokenizer(tmp_path / "tokenizer.model", seed=1)
     recs = [[{"role": "user", "content": "How many times does the letter 'e' appear in the word 'tree'?", "input": ""},
              {"role": "assistant", "content": "2"}],
             [{"role": "user", "content": "What is 2 + 2?", "input": ""}, {"role": "assistant", "content": "2 + 2 = 4"}]]
@@ -261,7 +262,7 @@ def test_exact_match_answers_on_examples(tmp_path):
 def meta_folder(root, poison=False):
     """A tiny model in Meta's layout with the built-in tokenizer beside it. poison: +inf in the
     embedding row of the byte <0xFF>, which no ASCII text uses, so every loss stays finite."""
-    tok = data.builtin_tokenizer(root / "tokenizer.model", seed=3)
+    tok = builtin_data.builtin_tokenizer(root / "tokenizer.model", seed=3)
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.n_words, multiple_of=32))
     if poison:

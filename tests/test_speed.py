@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import data
+import builtin_data
 import precision
 import sample
 import train
@@ -75,7 +75,7 @@ def test_one_compile_per_batch_shape(compiled):
 
 
 def test_cli_compile_gives_the_same_answer(tmp_path, capsys):
-    tok = data.builtin_tokenizer(tmp_path / "tok" / "tokenizer.model")
+    tok = builtin_data.builtin_tokenizer(tmp_path / "tok" / "tokenizer.model")
     ckpt = save_meta(tiny_model(vocab_size=tok.n_words), tmp_path / "run" / "final", tokenizer_path=tok.path)
     texts = []
     for extra in ([], ["--compile"]):

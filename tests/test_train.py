@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import builtin_data
 import checkpoint
 import data
 import train
@@ -76,7 +77,7 @@ def test_export_loads_with_same_losses(one_rank):
     assert json.loads((final / "params.json").read_text())["dim"] == 64
     model = load_meta(final)
     tok = Tokenizer(final / "tokenizer.model")
-    examples = data.tokenize_records(data.builtin_records(seed=7), tok, "alpaca", 128, verbose=False)
+    examples = data.tokenize_records(builtin_data.builtin_records(seed=7), tok, "alpaca", 128, verbose=False)
     train_ex, held_out = data.split_eval(examples, 0.02, 7)
     total = count = 0.0
     with torch.no_grad():
@@ -186,7 +187,7 @@ def test_refuses_non_empty_out_and_stops_on_nan(tmp_path):
 
 def _meta_folder(root, vocab_extra=0):
     """A tiny model in Meta's layout: weights in root/tiny/, tokenizer.model one level up."""
-    tok = data.builtin_tokenizer(root / "tokenizer.model", seed=3)
+    tok = builtin_data.builtin_tokenizer(root / "tokenizer.model", seed=3)
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words + vocab_extra, multiple_of=32))
     save_meta(m, root / "tiny", dtype=torch.float32)
