@@ -8,7 +8,6 @@ A batch's path: data.py -> tokens -> model.tok_embeddings -> noise.neftune (trai
 of the model -> cross-entropy on response tokens. `--alpha 0 5 10 15` sweeps alpha in one command.
 """
 import argparse
-import dataclasses
 import json
 import math
 import os
@@ -22,20 +21,21 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.distributed.checkpoint as dcp
 import torch.nn.functional as F
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+import builtin_data
 import data
 import lora
 import sample
+from checkpoint import all_sum, checkpoints, export_final, load_checkpoint, lora_config, newest_checkpoint, save_checkpoint
 from checks import RunLock, UserError, number, writable_folder
-from model import CheckpointError, ModelArgs, Tokenizer, Transformer, find_tokenizer, load_meta, save_meta
+from model import CheckpointError, ModelArgs, Tokenizer, Transformer, find_tokenizer, load_meta
 from noise import KINDS, neftune
+from precision import choose_dtype
 
 # The paper's recipe (Stanford Alpaca's, which NEFTune kept) when finetuning real weights, and a
 # small-model recipe for the built-in demo that learns visibly in two minutes on a CPU. fig4 is
@@ -155,73 +155,6 @@ def setup_distributed():
     return dist.get_rank(), dist.get_world_size(), device
 
 
-def all_sum(*xs, device):
-    t = torch.tensor(xs, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
-
-
-# ----------------------------------------------------------------------------- the training dtype
-
-BF16_MARGIN = 1.3  # bf16 autocast only where its matmul is clearly faster: it adds casts, and CPUs
-# without bf16 units (AVX2 only) run bf16 matmuls ~100x slower than fp32
-
-
-def matmul_flops(n=512, seconds=0.2):
-    """Best FLOP/s of an n x n CPU matmul -> (fp32, bf16), timed in turn for ~`seconds` so that a
-    shared machine slows both alike, after one warm-up product each (n = 512: the size class of
-    the demo model's matmuls, 2048 rows x 256 x 704)."""
-    pairs = [(torch.randn(n, n).to(dt), torch.randn(n, n).to(dt)) for dt in (torch.float32, torch.bfloat16)]
-    best = [float("inf")] * len(pairs)
-    for a, b in pairs:
-        a @ b
-    reps, start = 0, time.perf_counter()
-    while reps < 2 or time.perf_counter() - start < seconds:
-        for i, (a, b) in enumerate(pairs):
-            t = time.perf_counter()
-            a @ b
-            best[i] = min(best[i], time.perf_counter() - t)
-        reps += 1
-    return tuple(2 * n ** 3 / t for t in best)
-
-
-def pick_cpu_dtype(fp32_flops, bf16_flops):
-    return "bf16" if bf16_flops > BF16_MARGIN * fp32_flops else "fp32"
-
-
-def saved_dtype(out, device):
-    """The dtype the run(s) in `out` started with, from their checkpoints' train_state.json (a sweep
-    keeps one run per subfolder); None without a checkpoint."""
-    states = [*out.glob("ckpt/step_*/train_state.json"), *out.glob("*/ckpt/step_*/train_state.json")]
-    # checkpoints written before the dtype was recorded trained in the old default
-    found = {json.loads(p.read_text()).get("dtype", "bf16" if device.type == "cuda" else "fp32") for p in states}
-    if len(found) > 1:
-        raise UserError(f"{out}: its checkpoints were trained in different dtypes ({', '.join(sorted(found))})")
-    return found.pop() if found else None
-
-
-def choose_dtype(args, device, out):
-    """-> (dtype name, why). A resume keeps the dtype its checkpoint records; else --dtype; else bf16
-    on CUDA; else the faster of bf16 autocast and fp32 on this CPU, measured (~0.2 s)."""
-    saved = saved_dtype(out, device) if args.resume else None
-    if saved:
-        if args.dtype and args.dtype != saved:
-            raise UserError(f"--dtype {args.dtype}: {out} was trained in {saved} (its train_state.json) and a resume "
-                            f"keeps that dtype; drop --dtype or pass --dtype {saved}")
-        return saved, "kept from the checkpoint being resumed"
-    if args.dtype:
-        return args.dtype, "--dtype"
-    if device.type == "cuda":
-        return "bf16", "CUDA default: FSDP mixed precision"
-    flops = torch.tensor(matmul_flops(), dtype=torch.float64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.broadcast(flops, 0)  # rank 0's figures: every rank must choose the same
-    f32, b16 = flops.tolist()
-    name = pick_cpu_dtype(f32, b16)
-    return name, (f"measured on this CPU: 512^3 matmul bf16 {b16 / 1e9:.1f} vs fp32 {f32 / 1e9:.1f} GFLOP/s; "
-                  f"bf16 autocast only if > {BF16_MARGIN}x fp32")
-
-
 # ----------------------------------------------------------------------------- data
 
 def build_data(args, tok_dir, rank):
@@ -235,7 +168,7 @@ def build_data(args, tok_dir, rank):
         # shared by the runs of a sweep), so nothing is written into --out before the data is checked.
         tok_path = tok_dir / "tokenizer.model"
         if not tok_path.exists():
-            data.builtin_tokenizer(tok_path, seed=args.seed, kind=args.builtin)
+            builtin_data.builtin_tokenizer(tok_path, seed=args.seed, kind=args.builtin)
     tok = Tokenizer(tok_path)
     fmt, template = args.format, args.template
     if args.data:
@@ -244,7 +177,7 @@ def build_data(args, tok_dir, rank):
         if args.eval_data:
             held_out = data.load_dataset(args.eval_data, tok, template, args.max_len, fmt, verbose=rank == 0)
     else:
-        train = data.tokenize_records(data.builtin_records(args.seed, args.builtin_size, args.builtin), tok, template or "alpaca", args.max_len,
+        train = data.tokenize_records(builtin_data.builtin_records(args.seed, args.builtin_size, args.builtin), tok, template or "alpaca", args.max_len,
                                       source="built-in data", verbose=rank == 0)
         held_out = None
     if held_out is None:
@@ -350,104 +283,6 @@ def clean_loss(model, examples, args, rank, world, device, autocast, pad_id):
 
 
 # ----------------------------------------------------------------------------- checkpoints
-
-def checkpoints(out):
-    """Complete checkpoints, oldest first (a temporary .tmp-* folder is never one)."""
-    return sorted(p for p in (out / "ckpt").glob("step_*") if (p / "train_state.json").exists())
-
-
-def newest_checkpoint(out):
-    """Where --resume would continue from, in words: for the messages of a run that stops."""
-    saved = checkpoints(out)
-    return f"--resume continues from {saved[-1]}" if saved else f"no checkpoint was saved in {out}: --resume starts over at step 0"
-
-
-def check_finite(model, device, out, what):
-    """Non-finite weights are never written: a diverged run would export NaNs that sample.py turns
-    into "⁇ ⁇ ⁇". Each rank checks its own shards; the verdict is summed over ranks."""
-    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
-    if all_sum(bad, device=device)[0]:
-        raise UserError(f"non-finite weights {what}: not written; {newest_checkpoint(out)} (try a lower --lr)")
-
-
-# With LoRA, checkpoints hold only the trainable adapters and their AdamW state: the frozen base is
-# rebuilt on resume from --init (or from --seed without it). dcp.load fails on any planned key the
-# checkpoint lacks, so strict=False only lets set_state_dict skip the frozen keys nobody planned.
-TRAINABLE = StateDictOptions(ignore_frozen_params=True)
-TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
-
-
-def lora_config(args):
-    """What re-applies the adapters; also recorded in checkpoints so --resume refuses other flags."""
-    if not args.lora_rank:
-        return None
-    return dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=list(args.lora_targets))
-
-
-def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep, lora_cfg=None, dtype=None):
-    """DCP: every rank writes its own shard. Written to a temporary folder, renamed when complete."""
-    check_finite(model, next(model.parameters()).device, out, f"at step {step}")
-    final = out / "ckpt" / f"step_{step:07d}"
-    tmp = out / "ckpt" / f".tmp-step_{step:07d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, opt, options=TRAINABLE)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp / f"rng_{rank}.pt")
-    dist.barrier()
-    if rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps({"step": step, "tokens": tokens_seen, "scheduler": sched.state_dict(),
-                                                          "model_args": dataclasses.asdict(model.args), "lora": lora_cfg,
-                                                          "dtype": dtype}))
-        os.replace(tmp, final)
-        for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
-    dist.barrier()
-
-
-FLAGS = {"dim": "--dim", "n_layers": "--n-layers", "n_heads": "--n-heads", "max_seq_len": "--max-len", "vocab_size": "the tokenizer"}
-
-
-def load_checkpoint(path, model, opt, sched, rank):
-    meta = json.loads((path / "train_state.json").read_text())
-    for k, v in meta.get("model_args", {}).items():  # a different shape would fail in DCP with pages of sizes
-        if getattr(model.args, k) != v:
-            raise UserError(f"{path}: the checkpoint has {k}={v} but this run has {k}={getattr(model.args, k)} "
-                            f"({FLAGS.get(k, '--init')}); resume with the checkpoint's settings")
-    model_sd, optim_sd = get_state_dict(model, opt, options=TRAINABLE)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=path)
-    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"], options=TRAINABLE_LOAD)
-    sched.load_state_dict(meta["scheduler"])
-    rng_file = path / f"rng_{rank}.pt"
-    if rng_file.exists():  # absent when resuming on more ranks than saved: nothing uses it anyway
-        rng = torch.load(rng_file, weights_only=True)
-        torch.set_rng_state(rng["cpu"])
-        if rng["cuda"] is not None and torch.cuda.is_available():
-            torch.cuda.set_rng_state(rng["cuda"])
-    return meta["step"], meta["tokens"]
-
-
-def export_final(out, model, tok_path, rank, dtype, lora_cfg=None):
-    """Gather the shards into one Meta-format folder (model.save_meta) on rank 0. With LoRA: the
-    merged model W + (alpha/R) B A, and the adapters alone in OUT/adapters.pth."""
-    check_finite(model, next(model.parameters()).device, out, "at the end of training")
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if rank == 0:
-        if lora_cfg:
-            lora.save_adapters(out / "adapters.pth", full, **lora_cfg)
-            full = lora.merge_state_dict(full, lora_cfg["alpha"] / lora_cfg["rank"], dtype)
-        with torch.device("meta"):
-            plain = Transformer(model.args)
-        plain.load_state_dict(full, assign=True)
-        if model.output.weight is model.tok_embeddings.weight:  # a tied model (load_meta) is exported tied
-            plain.output.weight = plain.tok_embeddings.weight
-        save_meta(plain, out / "final", tokenizer_path=tok_path, dtype=dtype)
-    dist.barrier()
-
-
 # ----------------------------------------------------------------------------- one training run
 
 def lr_lambda(warmup, total):

@@ -6,6 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
+import builtin_data
 import data
 import model
 
@@ -18,7 +19,7 @@ ALPACA_NO_IN = [{"role": "user", "content": "Name a colour.", "input": ""}, {"ro
 
 @pytest.fixture(scope="module")
 def tok(tmp_path_factory):
-    return data.builtin_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    return builtin_data.builtin_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
 
 
 @pytest.fixture
@@ -226,7 +227,7 @@ def test_cli_error_is_one_line_exit_2(tmp_path, tok, capsys):
 
 def test_cli_statistics(tmp_path, tok, capsys):
     path = write(tmp_path / "a.json", [{"instruction": r[0]["content"], "input": r[0]["input"], "output": r[1]["content"]}
-                                       for r in data.builtin_records(seed=3, n=40)])
+                                       for r in builtin_data.builtin_records(seed=3, n=40)])
     assert data.main([str(path), "--tokenizer", str(tok.path), "--batch-size", "4", "--pack"]) == 0
     out = capsys.readouterr().out
     assert "examples        40 of 40 records (0 truncated" in out and "alpaca template" in out
@@ -248,7 +249,7 @@ def test_collate_pads_right_and_masks():
 
 
 def test_pack_keeps_every_token_once_with_segments_and_positions(tok):
-    examples = data.tokenize_records(data.builtin_records(seed=1, n=300), tok, "alpaca", max_len=128)
+    examples = data.tokenize_records(builtin_data.builtin_records(seed=1, n=300), tok, "alpaca", max_len=128)
     rows = data.pack(examples, seq_len=128)
     assert len(rows) < len(examples) and all(len(r["input_ids"]) <= 128 for r in rows)
     docs = []
@@ -270,7 +271,7 @@ def test_pack_keeps_every_token_once_with_segments_and_positions(tok):
 def test_packed_attention_never_crosses_documents(tok):
     torch.manual_seed(0)
     net = model.Transformer(model.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, multiple_of=16)).eval()
-    examples = data.tokenize_records(data.builtin_records(seed=2, n=7), tok, "alpaca", max_len=128)
+    examples = data.tokenize_records(builtin_data.builtin_records(seed=2, n=7), tok, "alpaca", max_len=128)
     rows = data.pack(examples, seq_len=180)
     assert max(r["segment_ids"][-1] for r in rows) >= 2
     batch = data.collate(rows, tok.pad_id)
@@ -323,8 +324,8 @@ def check_answer(instruction, inp, output):
 
 
 def test_builtin_records_deterministic_and_correct(tok):
-    records = data.builtin_records(seed=0, n=500)
-    assert records == data.builtin_records(seed=0, n=500) and records != data.builtin_records(seed=1, n=500)
+    records = builtin_data.builtin_records(seed=0, n=500)
+    assert records == builtin_data.builtin_records(seed=0, n=500) and records != builtin_data.builtin_records(seed=1, n=500)
     for user, answer in records:
         assert check_answer(user["content"], user["input"], answer["content"]), (user, answer)
     assert any(user["input"] for user, _ in records) and any(not user["input"] for user, _ in records)
@@ -334,7 +335,7 @@ def test_builtin_records_deterministic_and_correct(tok):
 
 
 def test_builtin_tokenizer_deterministic_llama_layout(tok, tmp_path):
-    again = data.builtin_tokenizer(tmp_path / "again.model")
+    again = builtin_data.builtin_tokenizer(tmp_path / "again.model")
     assert again.path.read_bytes() == tok.path.read_bytes()
     assert (tok.n_words, tok.sp.unk_id(), tok.bos_id, tok.eos_id, tok.sp.pad_id(), tok.pad_id) == (1000, 0, 1, 2, -1, 0)
     text = "Ünïcode ✓ and 42\n\nlines"  # byte fallback: anything encodes and round-trips

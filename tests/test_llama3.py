@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import builtin_data
 import data
 import sample
 import train
@@ -38,7 +39,7 @@ def llama3(tmp_path_factory):
     """Meta's LLaMA-3.1 layout in miniature: tokenizer.model (tiktoken), params.json with
     use_scaled_rope and rope_theta 500000, GQA (n_kv_heads < n_heads), vocab = base + 256 specials."""
     root = tmp_path_factory.mktemp("llama3")
-    records = data.builtin_records(seed=0, n=120)
+    records = builtin_data.builtin_records(seed=0, n=120)
     text = "\n".join(m["content"] + " " + m.get("input", "") for r in records for m in r)
     text += "\nsystem user assistant Be brief. Hello! Hi there. What is 2+2? It is 4. Say hi. Paris, France."
     tok = Tokenizer(write_bpe(root / "tokenizer.model", text))
@@ -52,7 +53,7 @@ def llama3(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sp_tokenizer(tmp_path_factory):  # a LLaMA-1/2 SentencePiece tokenizer, named to mislead
-    return data.builtin_tokenizer(tmp_path_factory.mktemp("sp") / "tiktoken.model", vocab_size=500)
+    return builtin_data.builtin_tokenizer(tmp_path_factory.mktemp("sp") / "tiktoken.model", vocab_size=500)
 
 
 # ---------------------------------------------------------------- tokenizer

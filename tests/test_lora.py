@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
+import checkpoint
 import lora
 import train
 from model import ModelArgs, Transformer, load_meta
@@ -152,7 +153,7 @@ def test_kill_and_resume_is_exact_on_two_ranks(ref):
 
 def test_checkpoint_and_optimizer_hold_only_adapters(ref):
     ref_out, _ = ref
-    dcp_to_torch_save(train.checkpoints(ref_out)[-1], ref_out.parent / "last.pt")
+    dcp_to_torch_save(checkpoint.checkpoints(ref_out)[-1], ref_out.parent / "last.pt")
     sd = torch.load(ref_out.parent / "last.pt", weights_only=True)
     want = {f"layers.{i}.{'feed_forward' if t == 'w2' else 'attention'}.{t}.{ab}" for i in range(2) for t in TARGETS for ab in ("lora_a", "lora_b")}
     assert set(sd["model"]) == want  # no frozen base in the checkpoint: it is re-read from --init

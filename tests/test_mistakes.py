@@ -14,6 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import builtin_data
+import checkpoint
 import data
 import sample
 import train
@@ -56,7 +58,7 @@ def one_error_line(stderr, prog="train.py"):
 def alpaca_file(path, n, seed=0):
     """n short built-in tasks as an Alpaca JSON file (checkable answers, fixed by seed)."""
     recs = [{"instruction": m[0]["content"], "input": m[0]["input"], "output": m[1]["content"]}
-            for m in data.builtin_records(seed=seed, n=n)]
+            for m in builtin_data.builtin_records(seed=seed, n=n)]
     path.write_text(json.dumps(recs))
     return path
 
@@ -159,7 +161,7 @@ def test_params_json_with_a_string_dim(tmp_path, capsys):
 
 @pytest.fixture
 def tiny_ckpt(tmp_path):
-    tok = data.builtin_tokenizer(tmp_path / "tokenizer.model", seed=3)
+    tok = builtin_data.builtin_tokenizer(tmp_path / "tokenizer.model", seed=3)
     torch.manual_seed(0)
     save_meta(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16)),
               tmp_path / "ckpt", dtype=torch.float32)
@@ -236,7 +238,7 @@ def test_exact_match_by_hand():
 
 def test_exact_match_answers_on_examples(tmp_path):
     # a scripted model: it says the first example's reference, then EOS, whatever it is asked
-    tok = data.builtin_tokenizer(tmp_path / "tokenizer.model", seed=1)
+    tok = builtin_data.builtin_tokenizer(tmp_path / "tokenizer.model", seed=1)
     recs = [[{"role": "user", "content": "How many times does the letter 'e' appear in the word 'tree'?", "input": ""},
              {"role": "assistant", "content": "2"}],
             [{"role": "user", "content": "What is 2 + 2?", "input": ""}, {"role": "assistant", "content": "2 + 2 = 4"}]]
@@ -260,7 +262,7 @@ def test_exact_match_answers_on_examples(tmp_path):
 def meta_folder(root, poison=False):
     """A tiny model in Meta's layout with the built-in tokenizer beside it. poison: +inf in the
     embedding row of the byte <0xFF>, which no ASCII text uses, so every loss stays finite."""
-    tok = data.builtin_tokenizer(root / "tokenizer.model", seed=3)
+    tok = builtin_data.builtin_tokenizer(root / "tokenizer.model", seed=3)
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, vocab_size=tok.n_words, multiple_of=32))
     if poison:
@@ -279,7 +281,7 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
              "--save-every", "1", "--batch-size", "8", "--micro-batch-size", "8"], check=False)
     line = one_error_line(p.stderr)
     assert p.returncode == 2 and "non-finite weights at step 1: not written; no checkpoint was saved" in line
-    assert not (out / "final").exists() and train.checkpoints(out) == []
+    assert not (out / "final").exists() and checkpoint.checkpoints(out) == []
     p = run(["--init", str(ckpt), "--data", str(train_file), "--out", str(tmp_path / "o2"), "--lr", "0", "--max-steps", "1",
              "--batch-size", "8", "--micro-batch-size", "8"], check=False)  # no checkpoint on the way: the export refuses
     assert p.returncode == 2 and "non-finite weights at the end of training" in one_error_line(p.stderr)
@@ -294,7 +296,7 @@ def test_resume_with_another_shape_and_on_an_empty_folder(tmp_path):
     acc = json.loads((out / "accuracy.json").read_text())  # the built-in tasks: exact match, reported
     assert acc["n"] == 16 and acc["exact_match"] == sum(a["correct"] for a in acc["answers"]) / 16
     assert f"{acc['exact_match']:.1%}" in p.stdout + p.stderr
-    ckpt = train.checkpoints(out)[-1]
+    ckpt = checkpoint.checkpoints(out)[-1]
     for nproc in (1, 2):
         p = run(["--out", str(out), "--resume", "--dim", "32", "--max-steps", "3", "--batch-size", "8", "--micro-batch-size", "4"],
                 nproc=nproc, check=False)
@@ -371,7 +373,7 @@ def test_ctrl_c_in_a_later_epoch_then_resume_is_exact(tmp_path):
     p.send_signal(signal.SIGINT)  # Ctrl-C, in the second epoch (5 steps per epoch)
     err = p.communicate(timeout=60)[1]
     assert p.returncode == 130, err[-2000:]
-    ckpt = train.checkpoints(out)[-1]
+    ckpt = checkpoint.checkpoints(out)[-1]
     line = one_error_line(err.replace("train.py: interrupted", "train.py: error: interrupted"))
     assert line.endswith(f"of 15; --resume continues from {ckpt}") and not (out / "final").exists()
     assert not (out / RunLock.NAME).exists()
@@ -396,5 +398,5 @@ def test_ctrl_c_under_torchrun_prints_one_line(tmp_path):
     os.killpg(p.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the launcher and both workers get it
     err = p.communicate(timeout=120)[1]
     assert err.count("train.py: interrupted at step") == 1, err[-3000:]
-    assert f"of 400; --resume continues from {train.checkpoints(out)[-1]}" in err
+    assert f"of 400; --resume continues from {checkpoint.checkpoints(out)[-1]}" in err
     assert "KeyboardInterrupt" not in err, err[-3000:]

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-import data
+import builtin_data
 import eval_len
 import plots
 import train
@@ -50,9 +50,9 @@ def test_recipes_by_name_and_implicit_defaults(tmp_path):
 # ---------------------------------------------------------------- the facts data
 
 def test_builtin_facts_hold_facts_the_prompt_cannot_give():
-    records = data.builtin_records(seed=5, n=1600, kind="facts")
-    assert records == data.builtin_records(seed=5, n=1600, kind="facts") != data.builtin_records(seed=6, n=1600, kind="facts")
-    assert data.builtin_records(seed=5, n=50) == data.builtin_records(seed=5, n=50, kind="tasks")  # the default is unchanged
+    records = builtin_data.builtin_records(seed=5, n=1600, kind="facts")
+    assert records == builtin_data.builtin_records(seed=5, n=1600, kind="facts") != builtin_data.builtin_records(seed=6, n=1600, kind="facts")
+    assert builtin_data.builtin_records(seed=5, n=50) == builtin_data.builtin_records(seed=5, n=50, kind="tasks")  # the default is unchanged
     facts = Counter()
     for user, answer in records:
         name = re.fullmatch(r"(?:Who is (\w+)\?|Tell me about (\w+)\.|Describe this person\.)", user["content"])
@@ -61,7 +61,7 @@ def test_builtin_facts_hold_facts_the_prompt_cannot_give():
         assert m, (user, answer)
         facts.update(zip(("job", "city", "likes"), m.groups()))
     # every fact is drawn uniformly from its list, whatever the name: 1600/16 = 100 expected per value
-    for key, values in (("job", data.JOBS), ("city", data.CITIES), ("likes", data.LIKES)):
+    for key, values in (("job", builtin_data.JOBS), ("city", builtin_data.CITIES), ("likes", builtin_data.LIKES)):
         counts = [facts[(key, v)] for v in values]
         assert sum(counts) == 1600 and min(counts) > 50 and max(counts) < 150, (key, counts)
 

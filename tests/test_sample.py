@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import builtin_data
 import data
 import sample
 from model import ModelArgs, Tokenizer, Transformer, load_meta, save_meta
@@ -191,7 +192,7 @@ def test_top_p_draws_only_from_the_nucleus():
 
 @pytest.fixture(scope="module")
 def builtin_tok(tmp_path_factory):
-    return data.builtin_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
+    return builtin_data.builtin_tokenizer(tmp_path_factory.mktemp("tok") / "tokenizer.model")
 
 
 def check_stream(tok, text):

@@ -11,7 +11,8 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-import data
+import builtin_data
+import precision
 import sample
 import train
 from model import ModelArgs, Transformer, save_meta
@@ -74,7 +75,7 @@ def test_one_compile_per_batch_shape(compiled):
 
 
 def test_cli_compile_gives_the_same_answer(tmp_path, capsys):
-    tok = data.builtin_tokenizer(tmp_path / "tok" / "tokenizer.model")
+    tok = builtin_data.builtin_tokenizer(tmp_path / "tok" / "tokenizer.model")
     ckpt = save_meta(tiny_model(vocab_size=tok.n_words), tmp_path / "run" / "final", tokenizer_path=tok.path)
     texts = []
     for extra in ([], ["--compile"]):
@@ -87,10 +88,10 @@ def test_cli_compile_gives_the_same_answer(tmp_path, capsys):
 
 def test_pick_cpu_dtype_needs_a_clear_win():
     f32 = 2e11
-    assert train.pick_cpu_dtype(f32, 4.4e11) == "bf16"  # CPU with bf16 units (the EPYC: 0.44 vs 0.20 TFLOP/s)
-    assert train.pick_cpu_dtype(f32, 1.2e9) == "fp32"  # AVX2 only: bf16 ~100x slower
-    assert train.pick_cpu_dtype(f32, f32 * train.BF16_MARGIN) == "fp32"  # faster, but not clearly
-    assert train.pick_cpu_dtype(f32, f32 * train.BF16_MARGIN * 1.01) == "bf16"
+    assert precision.pick_cpu_dtype(f32, 4.4e11) == "bf16"  # CPU with bf16 units (the EPYC: 0.44 vs 0.20 TFLOP/s)
+    assert precision.pick_cpu_dtype(f32, 1.2e9) == "fp32"  # AVX2 only: bf16 ~100x slower
+    assert precision.pick_cpu_dtype(f32, f32 * precision.BF16_MARGIN) == "fp32"  # faster, but not clearly
+    assert precision.pick_cpu_dtype(f32, f32 * precision.BF16_MARGIN * 1.01) == "bf16"
 
 
 def ns(**kw):
@@ -99,11 +100,11 @@ def ns(**kw):
 
 @pytest.mark.parametrize("flops,expected", [((2e11, 4.4e11), "bf16"), ((2e11, 1.2e9), "fp32")])
 def test_choose_dtype_from_mocked_timings(monkeypatch, tmp_path, flops, expected):
-    monkeypatch.setattr(train, "matmul_flops", lambda: flops)
-    name, why = train.choose_dtype(ns(), torch.device("cpu"), tmp_path)
+    monkeypatch.setattr(precision, "matmul_flops", lambda: flops)
+    name, why = precision.choose_dtype(ns(), torch.device("cpu"), tmp_path)
     assert name == expected
     assert f"bf16 {flops[1] / 1e9:.1f} vs fp32 {flops[0] / 1e9:.1f} GFLOP/s" in why  # the figures behind it
-    assert train.choose_dtype(ns(dtype="fp32"), torch.device("cpu"), tmp_path) == ("fp32", "--dtype")
+    assert precision.choose_dtype(ns(dtype="fp32"), torch.device("cpu"), tmp_path) == ("fp32", "--dtype")
 
 
 def fake_checkpoint(run_dir, step, dtype):
@@ -113,21 +114,21 @@ def fake_checkpoint(run_dir, step, dtype):
 
 
 def test_resume_keeps_the_checkpoints_dtype(monkeypatch, tmp_path):
-    monkeypatch.setattr(train, "matmul_flops", lambda: (2e11, 4.4e11))  # a fresh run would pick bf16
+    monkeypatch.setattr(precision, "matmul_flops", lambda: (2e11, 4.4e11))  # a fresh run would pick bf16
     cpu = torch.device("cpu")
     fake_checkpoint(tmp_path / "run", 2, "fp32")
-    assert train.choose_dtype(ns(resume=True), cpu, tmp_path / "run")[0] == "fp32"
-    assert train.choose_dtype(ns(resume=True, dtype="fp32"), cpu, tmp_path / "run")[0] == "fp32"
+    assert precision.choose_dtype(ns(resume=True), cpu, tmp_path / "run")[0] == "fp32"
+    assert precision.choose_dtype(ns(resume=True, dtype="fp32"), cpu, tmp_path / "run")[0] == "fp32"
     with pytest.raises(train.UserError, match=r"--dtype bf16: .*run was trained in fp32"):
-        train.choose_dtype(ns(resume=True, dtype="bf16"), cpu, tmp_path / "run")
-    assert train.choose_dtype(ns(), cpu, tmp_path / "run")[0] == "bf16"  # not resuming: measured
+        precision.choose_dtype(ns(resume=True, dtype="bf16"), cpu, tmp_path / "run")
+    assert precision.choose_dtype(ns(), cpu, tmp_path / "run")[0] == "bf16"  # not resuming: measured
     fake_checkpoint(tmp_path / "sweep" / "alpha_5", 4, "fp32")  # a sweep: one run per subfolder
-    assert train.choose_dtype(ns(resume=True), cpu, tmp_path / "sweep")[0] == "fp32"
+    assert precision.choose_dtype(ns(resume=True), cpu, tmp_path / "sweep")[0] == "fp32"
     fake_checkpoint(tmp_path / "old", 3, None)  # written before the dtype was recorded: the old CPU default
-    assert train.choose_dtype(ns(resume=True), cpu, tmp_path / "old")[0] == "fp32"
+    assert precision.choose_dtype(ns(resume=True), cpu, tmp_path / "old")[0] == "fp32"
     fake_checkpoint(tmp_path / "sweep" / "alpha_0", 4, "bf16")
     with pytest.raises(train.UserError, match="different dtypes"):
-        train.choose_dtype(ns(resume=True), cpu, tmp_path / "sweep")
+        precision.choose_dtype(ns(resume=True), cpu, tmp_path / "sweep")
 
 
 def train_run(args):

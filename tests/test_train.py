@@ -11,6 +11,8 @@ from pathlib import Path
 import pytest
 import torch
 
+import builtin_data
+import checkpoint
 import data
 import train
 from model import ModelArgs, Tokenizer, Transformer, load_meta, save_meta
@@ -75,7 +77,7 @@ def test_export_loads_with_same_losses(one_rank):
     assert json.loads((final / "params.json").read_text())["dim"] == 64
     model = load_meta(final)
     tok = Tokenizer(final / "tokenizer.model")
-    examples = data.tokenize_records(data.builtin_records(seed=7), tok, "alpaca", 128, verbose=False)
+    examples = data.tokenize_records(builtin_data.builtin_records(seed=7), tok, "alpaca", 128, verbose=False)
     train_ex, held_out = data.split_eval(examples, 0.02, 7)
     total = count = 0.0
     with torch.no_grad():
@@ -121,7 +123,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "final").exists()
-    newest = train.checkpoints(out)[-1]
+    newest = checkpoint.checkpoints(out)[-1]
     step = int(newest.name.split("_")[1])
     r = run(["--out", str(out), "--resume", *common])
     # it really resumed, from the newest checkpoint: a silent restart from step 0 would match too
@@ -174,7 +176,7 @@ def test_refuses_non_empty_out_and_stops_on_nan(tmp_path):
     p = run(["--out", str(nan), "--max-steps", "20", "--lr", "1e30", "--warmup", "0", "--save-every", "1",
              "--batch-size", "8", "--micro-batch-size", "8"], check=False)
     assert p.returncode == 2 and "non-finite loss" in p.stderr, p.stderr[-2000:]
-    ckpts = train.checkpoints(nan)
+    ckpts = checkpoint.checkpoints(nan)
     assert f"--resume continues from {ckpts[-1]}" in p.stderr  # names the checkpoint that exists
     assert ckpts and not (nan / "final").exists()
     from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
@@ -185,7 +187,7 @@ def test_refuses_non_empty_out_and_stops_on_nan(tmp_path):
 
 def _meta_folder(root, vocab_extra=0):
     """A tiny model in Meta's layout: weights in root/tiny/, tokenizer.model one level up."""
-    tok = data.builtin_tokenizer(root / "tokenizer.model", seed=3)
+    tok = builtin_data.builtin_tokenizer(root / "tokenizer.model", seed=3)
     torch.manual_seed(0)
     m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=tok.n_words + vocab_extra, multiple_of=32))
     save_meta(m, root / "tiny", dtype=torch.float32)
