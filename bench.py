@@ -114,7 +114,7 @@ def bench_train(cfg, dtypes, compile_modes, device, seq_len, batch_size, min_tim
             mask = torch.ones_like(tokens, dtype=torch.bool)
             t = timed(train_step_fn(model, opt, tokens, mask, dtype, device, alpha=5.0), device, min_time=min_time, min_reps=2)
             tok_s = batch_size * seq_len / t
-            run = {"step_s": round(t, 4), "tokens_per_s": round(tok_s, 1), "mfu": round(tok_s * flops_tok / peak, 4)}
+            run = {"step_s": round(t, 6), "tokens_per_s": round(tok_s, 1), "mfu": round(tok_s * flops_tok / peak, 4)}
             if device.type == "cuda" and name == "bf16":
                 run["mfu_vs_datasheet"] = round(tok_s * flops_tok / H100_BF16_PEAK, 4)
             out["runs"][name + ("+compile" if compiled else "")] = run
@@ -211,7 +211,7 @@ def bench_lora(cfg, device, seq_len, batch_size, rounds, rank):
             sync(device)
             times[name].append(time.perf_counter() - t0)
     for name in steps:
-        out[name] |= {"step_s": round(min(times[name]), 4), "tokens_per_s": round(batch_size * seq_len / min(times[name]), 1)}
+        out[name] |= {"step_s": round(min(times[name]), 6), "tokens_per_s": round(batch_size * seq_len / min(times[name]), 1)}
     out["lora_over_full_tokens_per_s"] = round(out["lora"]["tokens_per_s"] / out["full"]["tokens_per_s"], 3)
     out["trainable_fraction"] = round(out["lora"]["trainable_params"] / out["full"]["trainable_params"], 5)
     return out
