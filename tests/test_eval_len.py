@@ -9,7 +9,6 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-SHARED = Path(__file__).resolve().parents[2] / "shared"
 sys.path.insert(0, str(ROOT))
 from eval_len import corpus_bleu, lcs_len, length_stats, rouge_l, train_overlap  # noqa: E402
 
@@ -212,11 +211,10 @@ def test_cli_not_a_list_message(tmp_path):
 
 # ---- real data ----
 
-@pytest.mark.skipif(not SHARED.exists(), reason="../shared (real AlpacaEval outputs) is absent")
-def test_published_alpaca_eval_lengths():
+def test_published_alpaca_eval_lengths(shared):  # the fixture: skipped without ../shared, failed under CI=true
     published = {"alpaca-7b": 396.3, "llama-2-7b-chat-hf": 1479.6, "text_davinci_003": 308.0}
     for model, chars in published.items():
-        outputs = json.loads((SHARED / "data" / "alpaca_eval_outputs" / f"{model}.json").read_text())
+        outputs = json.loads((shared / "data" / "alpaca_eval_outputs" / f"{model}.json").read_text())
         s = length_stats([o["output"] for o in outputs])
         assert s["n"] == 805
         assert round(s["chars"], 1) == chars, model
