@@ -94,8 +94,13 @@ def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep, lora_
 FLAGS = {"dim": "--dim", "n_layers": "--n-layers", "n_heads": "--n-heads", "max_seq_len": "--max-len", "vocab_size": "the tokenizer"}
 
 
-def load_checkpoint(path, model, opt, sched, rank):
+def load_checkpoint(path, model, opt, sched, rank, lora_cfg=None):
+    """Restore model, optimizer, scheduler and RNG from a checkpoint, after checking that this run
+    has the checkpoint's model shape and LoRA settings (DCP would fail with pages of sizes)."""
     meta = json.loads((path / "train_state.json").read_text())
+    if meta.get("lora") != lora_cfg:
+        raise UserError(f"{path}: saved with LoRA settings {meta.get('lora')}, this run has {lora_cfg}; "
+                        f"resume with the same --lora-* flags (and the same --init)")
     for k, v in meta.get("model_args", {}).items():  # a different shape would fail in DCP with pages of sizes
         if getattr(model.args, k) != v:
             raise UserError(f"{path}: the checkpoint has {k}={v} but this run has {k}={getattr(model.args, k)} "

@@ -282,7 +282,6 @@ def clean_loss(model, examples, args, rank, world, device, autocast, pad_id):
     return total / max(count, 1)
 
 
-# ----------------------------------------------------------------------------- checkpoints
 # ----------------------------------------------------------------------------- one training run
 
 def lr_lambda(warmup, total):
@@ -298,7 +297,7 @@ PROGRESS = {}  # where the current run is, for the one line that Ctrl-C prints
 
 
 def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
-    dtype = torch.bfloat16 if (args.dtype or ("bf16" if device.type == "cuda" else "fp32")) == "bf16" else torch.float32
+    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32  # set by precision.choose_dtype in main
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and dtype == torch.bfloat16 else nullcontext()
     tok, tok_path, train, clean_train, held_out = build_data(args, tok_dir, rank)
     per_rank = args.batch_size // world
@@ -320,11 +319,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
     step = tokens_seen = 0
     saved = checkpoints(out) if args.resume else []
     if saved:
-        saved_lora = json.loads((saved[-1] / "train_state.json").read_text()).get("lora")
-        if saved_lora != lora_cfg:
-            raise UserError(f"{saved[-1]}: saved with LoRA settings {saved_lora}, this run has {lora_cfg}; "
-                            f"resume with the same --lora-* flags (and the same --init)")
-        step, tokens_seen = load_checkpoint(saved[-1], model, opt, sched, rank)
+        step, tokens_seen = load_checkpoint(saved[-1], model, opt, sched, rank, lora_cfg)
         log(f"resumed from {saved[-1]} at step {step}")
     elif args.resume:
         log(f"--resume: no checkpoint in {out / 'ckpt'}; starting from step 0")
