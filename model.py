@@ -224,7 +224,7 @@ class Transformer(nn.Module):
         positions: (B, T) RoPE positions (default start..start+T-1); packed rows restart them
         per document together with segment_ids (B, T). cache_pos: where these T tokens go in the
         KV cache while generating (setup_cache); a 1-element tensor for a compiled decode step
-        (sample.decode_step), which then needs `positions` and a mask over the whole cache.
+        (fast_decode.decode_step), which then needs `positions` and a mask over the whole cache.
         head(h, output) replaces the output layer on the final normed states h: train.py computes
         the loss there, chunk by chunk, so (B, T, vocab) logits never exist whole (a hook inside
         forward, again, so that FSDP gathers the output)."""
