@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from bench_memory import LLAMA2_7B, LOAD_CFG, LOSS_CFG, bench_load, bench_loss, load_child, loss_child, lora_memory
+import bench_memory
+from bench_memory import LLAMA2_7B, LOAD_CFG, LOSS_CFG, bench_load, bench_loss, lora_memory
 from model import ModelArgs, Transformer
-from noise import neftune
+from noise import neftune, neftune_noise
 from sample import generate
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -82,7 +83,7 @@ def train_step_fn(model, opt, tokens, mask, dtype, device, alpha):
 
     def step():
         with autocast:
-            noise = (lambda e: neftune(e, mask, alpha)) if alpha > 0 else None
+            noise = neftune_noise(mask, model.args.dim, alpha) if alpha > 0 else None
             logits = model(tokens, noise=noise)
         loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), tokens[:, 1:].flatten())
         loss.backward()
@@ -296,6 +297,8 @@ PARTS = {
     "loss": lambda a, d: bench_loss(size_cfg(LOSS_CFG, a, preset=False), a.loss_batch_size, a.seq_len),
     "lora": lambda a, d: bench_lora(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.noise_rounds, a.lora_rank),
     "lora_memory": lambda a, d: lora_memory(size_cfg(LLAMA2_7B, a, preset=False), a.lora_rank, a.lora_micro_batch, a.lora_seq_len),
+    "init_memory": lambda a, d: bench_memory.init_memory(size_cfg(bench_memory.INIT_CFG, a, preset=False)),
+    "grad_sync": lambda a, d: bench_memory.grad_sync(size_cfg(bench_memory.GRAD_SYNC_CFG, a, preset=False)),
     "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a), d, a.decode1_dtypes, a.new_tokens,
                                           a.prompt_len, a.decode1_rounds, a.copy_mb, a.profile),
 }
@@ -344,13 +347,7 @@ def main(argv=None):
     p.add_argument("--lora-seq-len", type=int, default=512, help="lora_memory: sequence length")
     p.add_argument("--out", default="bench.json", help="results, merged into the file's existing parts")
     p.add_argument("--loss-batch-size", type=int, default=4, help="micro-batch of the loss-memory bench (x --seq-len)")
-    p.add_argument("--_load-child", dest="load_child", help=argparse.SUPPRESS)
-    p.add_argument("--_loss-child", dest="loss_child", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
-    if a.load_child:
-        return load_child(a.load_child)
-    if a.loss_child:
-        return loss_child(a.loss_child)
     if a.threads:
         torch.set_num_threads(a.threads)
     device = torch.device(a.device)

@@ -1,14 +1,19 @@
-"""The memory benchmarks of bench.py: load_meta's peak resident memory (load), the loss's peak
-memory at LLaMA-3's vocabulary, whole logits vs chunked (loss), and LoRA's GPU memory for LLaMA-2-7B
-(lora_memory). Run through bench.py, which also runs the children that measure in a fresh process:
+"""bench.py's memory parts: load_meta's peak resident memory (load), the loss's peak memory at LLaMA-3's
+vocabulary, whole logits vs chunked (loss), LoRA's GPU memory for LLaMA-2-7B (lora_memory), and two
+torchrun runs of train.py whose workers' private memory is sampled from start to exit: --init loading
+each rank's shard (init_memory) and the gradient-sync choice (grad_sync). Each measurement runs in a
+fresh process (a spawned child, or torchrun's workers), so its peak is its own:
 
-    python bench.py --only load loss lora_memory
+    python bench.py --only load loss lora_memory init_memory grad_sync
 """
 import json
+import multiprocessing
 import os
 import resource
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -17,10 +22,7 @@ import torch
 import torch.nn.functional as F
 
 import lora
-from model import ModelArgs, Transformer, load_meta, save_meta
-
-# The children are launched through bench.py's hidden --_load-child / --_loss-child flags
-BENCH = Path(__file__).resolve().with_name("bench.py")
+from model import SPLIT_DIM, ModelArgs, Transformer, load_meta, save_meta
 
 # A LLaMA-shaped model of 1.11B parameters: 2.2 GB in bf16, the size class of TinyLlama-1.1B.
 LOAD_CFG = dict(dim=2048, n_layers=19, n_heads=16, vocab_size=32000, multiple_of=256)
@@ -41,11 +43,12 @@ def peak_rss_bytes():
 
 
 @torch.no_grad()
-def make_checkpoint(out_dir, args=LOAD_ARGS, seed=0):
+def make_checkpoint(out_dir, args=LOAD_ARGS, seed=0, n_shards=1):
     """A random bf16 model in Meta's layout, holding the weights once: built on the meta device,
-    given bf16 storage, filled in place, then written by save_meta (a bf16 -> bf16 no-op cast).
+    given bf16 storage, filled in place, then written by save_meta (a bf16 -> bf16 no-op cast), or
+    split into n_shards model-parallel files the way Meta's are (model.SPLIT_DIM).
     Weights are copied from a 16M-entry random pool, rotated between copies: drawing 1.1B normal
-    numbers would take ~20 s on 2 cores, and their values do not matter to a load benchmark."""
+    numbers would take ~20 s on 2 cores, and their values do not matter to a memory benchmark."""
     with torch.device("meta"):
         model = Transformer(args)
     model = model.to(torch.bfloat16).to_empty(device="cpu")
@@ -59,7 +62,14 @@ def make_checkpoint(out_dir, args=LOAD_ARGS, seed=0):
             n = min(pool.numel(), flat.numel() - start)
             flat[start:start + n] = pool[:n]
             pool = pool.roll(7919)
-    return save_meta(model, out_dir, dtype=torch.bfloat16)
+    out_dir = save_meta(model, out_dir, dtype=torch.bfloat16)
+    if n_shards > 1:
+        state = model.state_dict()
+        for i in range(n_shards):
+            part = {k: v.chunk(n_shards, SPLIT_DIM[k.split(".")[-2]])[i].clone() if k.split(".")[-2] in SPLIT_DIM
+                    else v for k, v in state.items()}
+            torch.save(part, out_dir / f"consolidated.{i:02d}.pth")
+    return out_dir
 
 
 def cached_checkpoint(out_dir, args=LOAD_ARGS):
@@ -74,9 +84,21 @@ def cached_checkpoint(out_dir, args=LOAD_ARGS):
     return make_checkpoint(out_dir, args), True
 
 
+def in_child(fn, *args, env=None):
+    """fn(*args) in a freshly spawned Python process (its memory figures are its own), -> its result."""
+    saved = dict(os.environ)
+    os.environ.update(env or {})  # read by the child's C library at start-up
+    try:
+        with multiprocessing.get_context("spawn").Pool(1) as pool:
+            return pool.apply(fn, args)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
 def load_child(ckpt_dir):
-    """Runs in a fresh process: its peak RSS is the loader's alone. Summing every parameter
-    reads each mmap'd page, so pages that were mapped but never read cannot flatter the result."""
+    """In a fresh process: the loader's peak RSS alone. Summing every parameter reads each mmap'd
+    page, so pages that were mapped but never read cannot flatter the result."""
     base = peak_rss_bytes()  # torch and model.py imported, nothing loaded
     t0 = time.perf_counter()
     model = load_meta(ckpt_dir)
@@ -84,9 +106,8 @@ def load_child(ckpt_dir):
     with torch.no_grad():
         checksum = sum(float(p.sum()) for p in model.parameters())
     t2 = time.perf_counter()
-    print(json.dumps({"baseline_rss": base, "peak_rss": peak_rss_bytes(), "load_s": t1 - t0, "touch_s": t2 - t1,
-                      "n_params": model.num_params(), "dtype": str(model.output.weight.dtype),
-                      "checksum": checksum}))
+    return {"baseline_rss": base, "peak_rss": peak_rss_bytes(), "load_s": t1 - t0, "touch_s": t2 - t1,
+            "n_params": model.num_params(), "dtype": str(model.output.weight.dtype), "checksum": checksum}
 
 
 def bench_load(load_dir="/tmp/neftune_bench_ckpt", args=LOAD_ARGS):
@@ -96,9 +117,7 @@ def bench_load(load_dir="/tmp/neftune_bench_ckpt", args=LOAD_ARGS):
     ckpt_dir, generated = cached_checkpoint(load_dir, args)
     gen_s = time.perf_counter() - t0
     size = sum(p.stat().st_size for p in ckpt_dir.glob("consolidated.*.pth"))
-    r = subprocess.run([sys.executable, str(BENCH), "--_load-child", str(ckpt_dir)],
-                       capture_output=True, text=True, check=True)
-    child = json.loads(r.stdout.strip().splitlines()[-1])
+    child = in_child(load_child, str(ckpt_dir))
     return {
         "ckpt_dir": str(ckpt_dir),
         "generated": generated,
@@ -118,24 +137,23 @@ def bench_load(load_dir="/tmp/neftune_bench_ckpt", args=LOAD_ARGS):
 LOSS_CFG = dict(dim=256, n_layers=2, n_heads=4, vocab_size=128256, multiple_of=256)  # a tiny model, LLaMA-3's vocabulary
 
 
-def loss_child(spec):
-    """Runs in a fresh process: peak RSS of one forward + backward of the loss on a random micro-batch,
-    either from whole (B, T, vocab) logits (train.py before chunking) or as train.forward_loss does it."""
+def loss_child(mode, cfg, batch_size, seq_len):
+    """In a fresh process: peak RSS of one forward + backward of the loss on a random micro-batch,
+    either from whole (B, T, vocab) logits or as train.forward_loss computes it, chunk by chunk."""
     import train
 
-    s = json.loads(spec)
     torch.manual_seed(0)
-    model = Transformer(ModelArgs(**s["cfg"])).train()
-    x = torch.randint(0, s["cfg"]["vocab_size"], (s["batch_size"], s["seq_len"]))
+    model = Transformer(ModelArgs(**cfg)).train()
+    x = torch.randint(0, cfg["vocab_size"], (batch_size, seq_len))
     batch = {"input_ids": x, "labels": x, "mask": torch.ones_like(x, dtype=torch.bool)}
     base = peak_rss_bytes()  # model and inputs in memory, nothing computed
     t0 = time.perf_counter()
-    if s["mode"] == "full_logits":
+    if mode == "full_logits":
         loss = train.response_loss_sum(model(x), x)
     else:
         loss = train.forward_loss(model, batch, torch.device("cpu"), nullcontext())
     loss.backward()
-    print(json.dumps({"baseline_rss": base, "peak_rss": peak_rss_bytes(), "s": time.perf_counter() - t0, "loss": loss.item()}))
+    return {"baseline_rss": base, "peak_rss": peak_rss_bytes(), "s": time.perf_counter() - t0, "loss": loss.item()}
 
 
 def bench_loss(cfg, batch_size, seq_len):
@@ -144,12 +162,9 @@ def bench_loss(cfg, batch_size, seq_len):
     logits_gb = batch_size * seq_len * cfg["vocab_size"] * 4 / 1e9
     out = {"config": {**cfg, "batch_size": batch_size, "seq_len": seq_len}, "fp32_logits_gb": round(logits_gb, 3)}
     for mode in ("full_logits", "chunked"):
-        spec = json.dumps({"mode": mode, "cfg": cfg, "batch_size": batch_size, "seq_len": seq_len})
         # glibc would keep freed blocks and hide what is live; mmap'd blocks go back at free, so
         # with this threshold the peak RSS is the peak of live tensors
-        r = subprocess.run([sys.executable, str(BENCH), "--_loss-child", spec], capture_output=True,
-                           text=True, check=True, env=dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536"))
-        child = json.loads(r.stdout.strip().splitlines()[-1])
+        child = in_child(loss_child, mode, cfg, batch_size, seq_len, env={"MALLOC_MMAP_THRESHOLD_": "65536"})
         out[f"{mode}_peak_above_model_gb"] = round((child["peak_rss"] - child["baseline_rss"]) / 1e9, 3)
         out[f"{mode}_s"] = round(child["s"], 3)
         out[f"{mode}_loss"] = child["loss"]
@@ -205,4 +220,129 @@ def lora_memory(cfg, rank, micro_batch, seq_len, dropout=0.05):
            "activations_gb": gb(acts), "activations_act_ckpt_gb": gb(acts_ckpt),
            "total_gb": gb(2 * base + 16 * adapters + acts), "total_act_ckpt_gb": gb(2 * base + 16 * adapters + acts_ckpt)}
     out["full_finetune_weights_grads_adamw_gb"] = gb(16 * base)  # fp32 master + grad + 2 moments, before activations
+    return out
+
+
+# ----------------------------------------------------------------------------- torchrun runs of train.py
+
+def rss_anon(pid):
+    """Private resident memory of a process (RssAnon of /proc/PID/status), in bytes; 0 once it is gone."""
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def workers(root_pid):
+    """{pid: rank} of the train.py processes below root_pid (torchrun's workers), from /proc."""
+    found = {}
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+            ppid = int(next(line.split()[1] for line in text.splitlines() if line.startswith("PPid:")))
+            if ppid == root_pid or ppid in found:
+                env = (status.parent / "environ").read_bytes().split(b"\0")
+                rank = next((int(e[5:]) for e in env if e.startswith(b"RANK=")), None)
+                if rank is not None:
+                    found[int(status.parent.name)] = rank
+        except (OSError, StopIteration, ValueError):
+            continue
+    return found
+
+
+def sampled_run(cmd, every=0.02):
+    """Run cmd (torchrun ...) and sample its workers' RssAnon until it exits -> (peak bytes per rank,
+    seconds, stderr's tail). Sampling every 20 ms: a short spike could slip between two samples."""
+    peaks, t0 = {}, time.perf_counter()
+    with tempfile.TemporaryFile("w+") as err:
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"),
+                             cwd=Path(__file__).resolve().parent)
+        ranks = {}
+        while p.poll() is None:
+            ranks |= workers(p.pid)
+            for pid, rank in ranks.items():
+                peaks[rank] = max(peaks.get(rank, 0), rss_anon(pid))
+            time.sleep(every)
+        err.seek(0)
+        tail = err.read()[-2000:]
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed ({p.returncode}):\n{tail}")
+    return peaks, time.perf_counter() - t0, tail
+
+
+def alpaca_records(path, n):
+    """n built-in tasks as an Alpaca file: data that needs no download (and no accuracy check at the end)."""
+    import builtin_data
+    recs = [{"instruction": m[0]["content"], "input": m[0]["input"], "output": m[1]["content"]}
+            for m in builtin_data.builtin_records(seed=0, n=n)]
+    Path(path).write_text(json.dumps(recs))
+    return path
+
+
+INIT_CFG = dict(dim=1024, n_layers=24, n_heads=16, vocab_size=1000, multiple_of=256)  # ~310M parameters
+
+
+def torchrun(nproc, *args):
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+            *map(str, args)]
+
+
+def init_memory(cfg=INIT_CFG, work="/tmp/neftune_bench_init", nproc=2, steps=2, seq_len=256, micro_batch=2):
+    """train.py --init on 2 ranks from a model in 2 bf16 model-parallel shards, LoRA rank 8 with
+    --act-ckpt in fp32: each worker's peak RssAnon from start to exit, against its fp32 shard (the
+    goal: at most 1.3x that + 0.4 GB; rank 0 may add the bf16 export it gathers). Then --resume of the
+    same run for 2 more steps, which re-reads the frozen base."""
+    import builtin_data
+    work = Path(work)
+    args = ModelArgs(**cfg)
+    ckpt = work / "init"
+    if not (ckpt / "consolidated.01.pth").exists():
+        make_checkpoint(ckpt, args, n_shards=2)
+    builtin_data.builtin_tokenizer(ckpt / "tokenizer.model", vocab_size=cfg["vocab_size"])
+    data = alpaca_records(work / "train.json", 64)
+    with torch.device("meta"):
+        n_params = Transformer(args).num_params()
+    shard_gb = 4 * n_params / nproc / 1e9
+    out = {"config": {**cfg, "n_params": n_params, "ranks": nproc, "seq_len": seq_len, "micro_batch": micro_batch},
+           "fp32_shard_gb": round(shard_gb, 3), "goal_gb": round(1.3 * shard_gb + 0.4, 3),
+           "bf16_export_gb": round(2 * n_params / 1e9, 3)}
+    run_dir = work / "run"
+    shutil.rmtree(run_dir, ignore_errors=True)
+    flags = ["--init", ckpt, "--data", data, "--out", run_dir, "--lora-rank", "8", "--act-ckpt", "--dtype", "fp32",
+             "--device", "cpu", "--batch-size", nproc * micro_batch, "--micro-batch-size", micro_batch,
+             "--max-len", seq_len, "--eval-examples", 4, "--eval-every", 1000, "--save-every", steps]
+    for name, extra in (("first", ["--max-steps", steps]), ("resume", ["--max-steps", 2 * steps, "--resume"])):
+        peaks, seconds, _ = sampled_run(torchrun(nproc, *flags, *extra))
+        out[name] = {f"rank{r}_peak_rss_anon_gb": round(b / 1e9, 3) for r, b in sorted(peaks.items())}
+        out[name] |= {f"rank{r}_over_shard": round(b / 1e9 / shard_gb, 2) for r, b in sorted(peaks.items())}
+        out[name]["wall_s"] = round(seconds, 1)
+    return out
+
+
+GRAD_SYNC_CFG = dict(dim=512, n_layers=8, n_heads=8)  # from scratch, the built-in tokenizer (vocab 1000)
+
+
+def grad_sync(cfg=GRAD_SYNC_CFG, work="/tmp/neftune_bench_sync", nproc=2, steps=6, micro=4, micro_batch=2, seq_len=128):
+    """--grad-sync every vs last on `nproc` CPU ranks, `micro` micro-batches per rank and step: median
+    tokens/s of the steps after the first, and each worker's peak RssAnon. every reduce-scatters after
+    each micro-batch and keeps 1/world of the gradients; last keeps whole unsharded gradients until
+    the step's last micro-batch and reduce-scatters once."""
+    work = Path(work)
+    data = alpaca_records(work / "train.json", 400) if not (work / "train.json").exists() else work / "train.json"
+    out = {"config": {**cfg, "ranks": nproc, "micro_batches_per_rank": micro, "micro_batch": micro_batch,
+                      "seq_len": seq_len}}
+    for mode in ("every", "last"):
+        run_dir = work / mode
+        shutil.rmtree(run_dir, ignore_errors=True)
+        flags = ["--dim", cfg["dim"], "--n-layers", cfg["n_layers"], "--n-heads", cfg["n_heads"], "--data", data,
+                 "--out", run_dir, "--dtype", "fp32", "--device", "cpu", "--grad-sync", mode, "--max-steps", steps,
+                 "--batch-size", nproc * micro * micro_batch, "--micro-batch-size", micro_batch, "--max-len", seq_len,
+                 "--eval-every", 1000, "--eval-examples", 4, "--save-every", 1000]
+        peaks, _, _ = sampled_run(torchrun(nproc, *flags))
+        speeds = sorted(json.loads(line)["tokens_per_s"] for line in (run_dir / "log.jsonl").read_text().splitlines()[1:])
+        out[mode] = {"median_tokens_per_s": speeds[len(speeds) // 2],
+                     **{f"rank{r}_peak_rss_anon_gb": round(b / 1e9, 3) for r, b in sorted(peaks.items())}}
     return out

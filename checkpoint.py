@@ -1,27 +1,76 @@
-"""What a run writes and reads back: resumable DCP checkpoints (OUT/ckpt/step_*), the check that
-no non-finite weights are ever written, and the Meta-format export of the finished model (OUT/final).
+"""Weights in and out of a sharded run: each rank fills its own shard from an --init folder,
+resumable DCP checkpoints (OUT/ckpt/step_*), the check that no non-finite weight is ever written,
+and the gathered export of the finished model (OUT/final, Meta's layout; OUT/final_hf with --export-hf).
 train.py calls these; nothing here runs on its own.
 """
 import dataclasses
 import json
-import os
-import shutil
+from contextlib import nullcontext
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.tensor import DTensor
 
 import lora
-from checks import UserError
-from model import Transformer, save_meta
+from checks import UserError, atomic, remove
+from model import is_hf_folder, meta_weights, write_meta
 
 
-def all_sum(*xs, device):
-    """Sums over ranks (here because check_finite needs it; train.py uses it for its batch counts)."""
-    t = torch.tensor(xs, dtype=torch.float64, device=device)
-    dist.all_reduce(t)
-    return t.tolist()
+def local(p):
+    """This rank's rows of a weight that fully_shard sharded (a DTensor), or the whole tensor."""
+    return p.to_local() if isinstance(p, DTensor) else p
+
+
+def shard_rows(p):
+    """(start, end): the rows of the full weight that this rank holds. FSDP2 shards dim 0 the way
+    torch.chunk does: ceil(rows / world) each, the last ranks holding fewer or none."""
+    if not isinstance(p, DTensor):
+        return 0, p.shape[0]
+    world, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    per = -(-p.shape[0] // world)
+    start = min(rank * per, p.shape[0])
+    return start, min(start + per, p.shape[0])
+
+
+def read_init(folder, tok):
+    """--init -> (ModelArgs, {key: model.Weight}, tied): Meta's layout (params.json) or a Hugging Face
+    folder (config.json), read lazily: each rank later reads only its own rows. tok: the tokenizer the
+    run found there, whose size must be the embedding's."""
+    if is_hf_folder(folder):
+        import hf  # safetensors and tokenizers only for HF folders
+        init = hf.hf_weights(folder)
+    else:
+        init = meta_weights(folder)
+    if init[0].vocab_size != tok.n_words:
+        raise UserError(f"{tok.path}: tokenizer has {tok.n_words} pieces but {folder}'s embedding has "
+                        f"{init[0].vocab_size}")
+    return init
+
+
+@torch.no_grad()
+def fill_shards(model, weights, extra=None):
+    """Copy each rank's rows of every weight into the sharded model, one weight at a time, reading
+    only those rows from the memory-mapped checkpoint (model.Weight): no rank ever holds the whole
+    model, nor a second copy of its own shard (copy_ converts the dtype in place). extra: full
+    tensors for what the checkpoint lacks (the LoRA adapters' initial values)."""
+    for key, p in model.state_dict(keep_vars=True).items():
+        if key == "output.weight" and p is model.tok_embeddings.weight:
+            continue  # tied: filled as the embedding
+        start, end = shard_rows(p)
+        rows = weights[key].read(start, end) if key in weights else extra[key][start:end]
+        local(p).copy_(rows)
+
+
+def check_finite(model, out, what):
+    """Non-finite weights are never written: a diverged run would export NaNs that sample.py turns
+    into "⁇ ⁇ ⁇". Each rank checks its own shards; the verdict is summed over ranks."""
+    bad = sum(int(not torch.isfinite(local(p)).all()) for p in model.parameters())
+    bad = torch.tensor(bad, device=next(model.parameters()).device)
+    dist.all_reduce(bad)
+    if bad.item():
+        raise UserError(f"non-finite weights {what}: not written; {newest_checkpoint(out)} (try a lower --lr)")
 
 
 def saved_dtype(out, device):
@@ -43,20 +92,14 @@ def checkpoints(out):
 def newest_checkpoint(out):
     """Where --resume would continue from, in words: for the messages of a run that stops."""
     saved = checkpoints(out)
-    return f"--resume continues from {saved[-1]}" if saved else f"no checkpoint was saved in {out}: --resume starts over at step 0"
-
-
-def check_finite(model, device, out, what):
-    """Non-finite weights are never written: a diverged run would export NaNs that sample.py turns
-    into "⁇ ⁇ ⁇". Each rank checks its own shards; the verdict is summed over ranks."""
-    bad = sum(int(not torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all()) for p in model.parameters())
-    if all_sum(bad, device=device)[0]:
-        raise UserError(f"non-finite weights {what}: not written; {newest_checkpoint(out)} (try a lower --lr)")
+    if not saved:
+        return f"no checkpoint was saved in {out}: --resume starts over at step 0"
+    return f"--resume continues from {saved[-1]}"
 
 
 # With LoRA, checkpoints hold only the trainable adapters and their AdamW state: the frozen base is
-# rebuilt on resume from --init (or from --seed without it). dcp.load fails on any planned key the
-# checkpoint lacks, so strict=False only lets set_state_dict skip the frozen keys nobody planned.
+# re-read on resume from --init (or rebuilt from --seed without it). dcp.load fails on any planned key
+# the checkpoint lacks, so strict=False only lets set_state_dict skip the frozen keys nobody planned.
 TRAINABLE = StateDictOptions(ignore_frozen_params=True)
 TRAINABLE_LOAD = StateDictOptions(ignore_frozen_params=True, strict=False)
 
@@ -69,40 +112,48 @@ def lora_config(args):
 
 
 def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep, lora_cfg=None, dtype=None):
-    """DCP: every rank writes its own shard. Written to a temporary folder, renamed when complete."""
-    check_finite(model, next(model.parameters()).device, out, f"at step {step}")
+    """DCP: every rank writes its own shard into one temporary folder, renamed when complete."""
+    check_finite(model, out, f"at step {step}")
     final = out / "ckpt" / f"step_{step:07d}"
-    tmp = out / "ckpt" / f".tmp-step_{step:07d}"
-    if rank == 0:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-    dist.barrier()
+    tmp = out / "ckpt" / f".tmp-step_{step:07d}"  # one name that every rank knows
     model_sd, optim_sd = get_state_dict(model, opt, options=TRAINABLE)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
-    torch.save({"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}, tmp / f"rng_{rank}.pt")
-    dist.barrier()
     if rank == 0:
-        (tmp / "train_state.json").write_text(json.dumps({"step": step, "tokens": tokens_seen, "scheduler": sched.state_dict(),
-                                                          "model_args": dataclasses.asdict(model.args), "lora": lora_cfg,
-                                                          "dtype": dtype}))
-        os.replace(tmp, final)
+        final.parent.mkdir(parents=True, exist_ok=True)
+    with atomic(final, folder=True, tmp=tmp) if rank == 0 else nullcontext(tmp) as tmp:
+        dist.barrier()  # rank 0 has made the folder
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=tmp)
+        rng = {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None}
+        torch.save(rng, tmp / f"rng_{rank}.pt")
+        dist.barrier()  # every rank has written
+        if rank == 0:
+            (tmp / "train_state.json").write_text(json.dumps({
+                "step": step, "tokens": tokens_seen, "scheduler": sched.state_dict(),
+                "model_args": dataclasses.asdict(model.args), "lora": lora_cfg, "dtype": dtype}))
+    if rank == 0:
         for old in checkpoints(out)[:-keep]:
-            shutil.rmtree(old)
+            remove(old)
     dist.barrier()
 
 
-FLAGS = {"dim": "--dim", "n_layers": "--n-layers", "n_heads": "--n-heads", "max_seq_len": "--max-len", "vocab_size": "the tokenizer"}
+FLAGS = {"dim": "--dim", "n_layers": "--n-layers", "n_heads": "--n-heads", "max_seq_len": "--max-len",
+         "vocab_size": "the tokenizer"}
+
+
+def check_lora(path, lora_cfg):
+    """The checkpoint's train_state.json, after checking that it was saved with these LoRA settings."""
+    meta = json.loads((path / "train_state.json").read_text())
+    if meta.get("lora") != lora_cfg:
+        raise UserError(f"{path}: saved with LoRA settings {meta.get('lora')}, this run has {lora_cfg}; "
+                        f"resume with the same --lora-* flags (and the same --init)")
+    return meta
 
 
 def load_checkpoint(path, model, opt, sched, rank, lora_cfg=None):
     """Restore model, optimizer, scheduler and RNG from a checkpoint, after checking that this run
     has the checkpoint's model shape and LoRA settings (DCP would fail with pages of sizes)."""
-    meta = json.loads((path / "train_state.json").read_text())
-    if meta.get("lora") != lora_cfg:
-        raise UserError(f"{path}: saved with LoRA settings {meta.get('lora')}, this run has {lora_cfg}; "
-                        f"resume with the same --lora-* flags (and the same --init)")
-    for k, v in meta.get("model_args", {}).items():  # a different shape would fail in DCP with pages of sizes
-        if getattr(model.args, k) != v:
+    meta = check_lora(path, lora_cfg)
+    for k, v in meta.get("model_args", {}).items():
+        if getattr(model.args, k, v) != v:
             raise UserError(f"{path}: the checkpoint has {k}={v} but this run has {k}={getattr(model.args, k)} "
                             f"({FLAGS.get(k, '--init')}); resume with the checkpoint's settings")
     model_sd, optim_sd = get_state_dict(model, opt, options=TRAINABLE)
@@ -119,19 +170,45 @@ def load_checkpoint(path, model, opt, sched, rank, lora_cfg=None):
     return meta["step"], meta["tokens"]
 
 
-def export_final(out, model, tok_path, rank, dtype, lora_cfg=None):
-    """Gather the shards into one Meta-format folder (model.save_meta) on rank 0. With LoRA: the
-    merged model W + (alpha/R) B A, and the adapters alone in OUT/adapters.pth."""
-    check_finite(model, next(model.parameters()).device, out, "at the end of training")
-    full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+@torch.no_grad()
+def gathered_state(model, rank, dtype, lora_cfg=None):
+    """The whole model on rank 0 in `dtype`, gathered one weight at a time (every rank takes part in
+    each all-gather; the others get None): rank 0 holds the export plus one full fp32 weight, never a
+    second copy of the model. With LoRA each adapted W becomes W + (alpha/R) B A, summed in fp32 from
+    the master weight and cast once; the adapters themselves are kept, in fp32, under their own keys."""
+    sd = model.state_dict()
+    tied = model.output.weight is model.tok_embeddings.weight
+    state, pending = {}, {}
+    for key, p in sd.items():
+        if key == "output.weight" and tied:
+            state[key] = state.get("tok_embeddings.weight")  # one tensor under both of Meta's names
+            continue
+        full = p.full_tensor() if isinstance(p, DTensor) else p
+        if rank != 0:
+            continue
+        stem = key.rsplit(".", 1)[0]
+        if lora_cfg and f"{stem}.lora_a" in sd:  # an adapted linear: weight, lora_a, lora_b, in this order
+            pending[key] = full.float().cpu()
+            if key.endswith(".lora_b"):
+                a, b, w = pending.pop(f"{stem}.lora_a"), pending.pop(key), pending.pop(f"{stem}.weight")
+                state[f"{stem}.weight"] = (w + lora_cfg["alpha"] / lora_cfg["rank"] * (b @ a)).to(dtype)
+                state[f"{stem}.lora_a"], state[key] = a, b
+            continue
+        state[key] = full.to("cpu", dtype).contiguous()
+    return state if rank == 0 else None
+
+
+def export_final(out, model, tok_path, rank, dtype, lora_cfg=None, hf=False):
+    """OUT/final in Meta's layout (and OUT/final_hf, HF's, with hf=True), written by rank 0 from
+    the gathered weights. With LoRA: the merged model, and the adapters alone in OUT/adapters.pth."""
+    check_finite(model, out, "at the end of training")
+    state = gathered_state(model, rank, dtype, lora_cfg)
     if rank == 0:
         if lora_cfg:
-            lora.save_adapters(out / "adapters.pth", full, **lora_cfg)
-            full = lora.merge_state_dict(full, lora_cfg["alpha"] / lora_cfg["rank"], dtype)
-        with torch.device("meta"):
-            plain = Transformer(model.args)
-        plain.load_state_dict(full, assign=True)
-        if model.output.weight is model.tok_embeddings.weight:  # a tied model (load_meta) is exported tied
-            plain.output.weight = plain.tok_embeddings.weight
-        save_meta(plain, out / "final", tokenizer_path=tok_path, dtype=dtype)
+            lora.save_adapters(out / "adapters.pth", state, **lora_cfg)
+            state = {k: v for k, v in state.items() if not lora.is_adapter(k)}
+        write_meta(state, model.args, out / "final", tokenizer_path=tok_path)
+        if hf:
+            import hf as hf_layout  # safetensors and tokenizers only when asked for
+            hf_layout.write_hf(state, model.args, out / "final_hf", tokenizer_path=tok_path)
     dist.barrier()

@@ -1,21 +1,64 @@
-"""User mistakes end in one line: the number and path checks that train.py, sample.py and data.py run
-before any work or write, and the lock that keeps two training runs out of one --out folder.
+"""A mistake costs one line, never a run or a file: the error family every script raises, the wrapper
+every script's main runs under, the number and path checks done before any work, the write that is
+never seen half done, and the lock that keeps two training runs out of one --out folder.
 """
+import argparse
 import math
 import os
+import shutil
 import socket
+import sys
+import time
+from contextlib import contextmanager
 from pathlib import Path
 
 
 class UserError(Exception):
-    """A mistake in the command line or the files it names: one line, exit status 2."""
+    """A mistake in the command line or in a file it names: one line, exit status 2."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint or tokenizer file that cannot be used; the message names it."""
+
+
+class DataError(UserError):
+    """A data file that cannot be used; the message names it and the record."""
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose own errors (a missing value, a bad choice) end like ours: one line, not a usage block."""
+
+    def error(self, message):
+        raise UserError(message)
+
+
+def run_main(prog, main, argv=None):
+    """Run main(argv) -> exit status: a UserError prints `prog: error: ...` and gives 2, Ctrl-C prints
+    one line and gives 130, never a traceback. Under torchrun only rank 0 speaks, and says that
+    torchrun's own report of the stopped workers comes next (torchrun then exits 1 itself)."""
+    rank = int(os.environ.get("RANK", 0))
+    after = " (torchrun's report of the stopped workers follows)" if "TORCHELASTIC_RUN_ID" in os.environ else ""
+    try:
+        return main(argv) or 0
+    except SystemExit as e:  # --help
+        return e.code or 0
+    except UserError as e:
+        line, status = f"{prog}: error: {e}", 2
+    except KeyboardInterrupt as e:  # main may raise it again with where it stopped as its message
+        line, status = f"{prog}: interrupted{' ' + str(e) if str(e) else ''}", 130
+    if rank == 0:
+        print(line + after, file=sys.stderr, flush=True)
+    elif after:  # let rank 0's line out first: torchrun stops every worker once it sees one gone
+        time.sleep(1)
+    return status
 
 
 def number(flag, x, lo=None, hi=None, above=None, below=None):
     """Raise UserError unless x is finite and lo <= x <= hi, above < x < below (the bounds given).
     NaN fails every comparison, so `alpha > 0` alone would let --alpha nan train the baseline."""
     ok = x is not None and math.isfinite(x)
-    ok = ok and (lo is None or x >= lo) and (hi is None or x <= hi) and (above is None or x > above) and (below is None or x < below)
+    ok = ok and (lo is None or x >= lo) and (hi is None or x <= hi)
+    ok = ok and (above is None or x > above) and (below is None or x < below)
     if not ok:
         bounds = [f">= {lo}" if lo is not None else None, f"> {above}" if above is not None else None,
                   f"<= {hi}" if hi is not None else None, f"< {below}" if below is not None else None]
@@ -48,6 +91,37 @@ def writable_file(flag, path, overwrite=False):
         raise UserError(f"{path}: {flag} exists; pass --overwrite to replace it")
 
 
+def remove(path):
+    shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic(path, folder=False, tmp=None):
+    """Yield a temporary name beside `path` to write into (a fresh folder when folder=True); when the
+    block ends without an error it is renamed onto `path` (a folder already there is replaced whole),
+    else removed. So a crash or Ctrl-C never leaves a half-written file or folder: readers see the old
+    one or the new one. tmp: the temporary name, when other processes must know it (DCP's ranks)."""
+    path = Path(path)
+    tmp = Path(tmp) if tmp else path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    if tmp.exists():
+        remove(tmp)  # left by a killed run
+    if folder:
+        tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        if path.is_dir() and not path.is_symlink():  # a rename cannot replace a folder that holds files
+            old = path.with_name(f".{path.name}.old-{os.getpid()}")
+            os.replace(path, old)
+            os.replace(tmp, path)
+            shutil.rmtree(old)
+        else:
+            os.replace(tmp, path)
+    except BaseException:
+        if tmp.exists():
+            remove(tmp)
+        raise
+
+
 class RunLock:
     """OUT/.lock holds "host pid" of the run's rank 0 while it runs. A second run on the same folder
     (say a --resume started while the killed run's workers still live) would otherwise collide with
@@ -70,9 +144,8 @@ class RunLock:
             if host != socket.gethostname() or alive(int(pid or 0)):
                 raise UserError(f"{self.path.parent}: another run (pid {pid} on {host}) is writing this --out; "
                                 f"wait for it to end or stop it (its lock: {self.path})") from None
-            tmp = self.path.with_name(f"{self.NAME}.{os.getpid()}")
-            tmp.write_text(self.me)
-            os.replace(tmp, self.path)  # stale: its process is gone
+            with atomic(self.path) as tmp:  # stale: its process is gone
+                tmp.write_text(self.me)
             return self
         with os.fdopen(fd, "w") as f:
             f.write(self.me)

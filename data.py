@@ -2,7 +2,6 @@
 
     python data.py ../shared/data/sharegpt_demo.json --tokenizer ../shared/tokenizers/mistral_v1_32k.model --pack
 """
-import argparse
 import json
 import random
 import sys
@@ -10,8 +9,8 @@ from pathlib import Path
 
 import torch
 
-from checks import UserError, number
-from model import CheckpointError, Tokenizer
+from checks import ArgumentParser, DataError, number, run_main
+from model import Tokenizer
 
 IGNORE = -100  # the label F.cross_entropy skips (its default ignore_index)
 FORMATS = ("alpaca", "sharegpt", "messages")
@@ -20,10 +19,6 @@ TEMPLATES = ("alpaca", "llama2-chat", "vicuna", "llama3-chat")
 # the assistant after the site it came from (chatgpt, bing, bard).
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
-
-
-class DataError(Exception):
-    """A user-facing problem with a data file: one line, the file named."""
 
 
 # ---------------------------------------------------------------- reading records
@@ -117,12 +112,6 @@ def read_format(path, fmt=None):
         raise DataError(f"{path}: unknown format {fmt!r} (choose from {', '.join(FORMATS)})")
     fmt = fmt or detect_format(raw, path)
     return [normalise(r, fmt, i, path) for i, r in enumerate(raw)], fmt
-
-
-def read_records(path, fmt=None):
-    """Every record (index i = the file's i-th record) as [{"role", "content"}...]; an alpaca user
-    message also keeps its "input". fmt: alpaca | sharegpt | messages, else detected from the keys."""
-    return read_format(path, fmt)[0]
 
 
 # ---------------------------------------------------------------- templates
@@ -345,40 +334,40 @@ def padding_fraction(examples, batch_size):
 
 # ---------------------------------------------------------------- statistics
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Statistics of an instruction dataset as train.py would see it.")
-    p.add_argument("file")
+def run(argv):
+    p = ArgumentParser(prog="data.py", description="Statistics of an instruction dataset as train.py would see it.")
+    p.add_argument("file", help="Alpaca, ShareGPT or messages records, JSON or JSONL")
     p.add_argument("--tokenizer", required=True, help="tokenizer.model (SentencePiece, or LLaMA-3's tiktoken BPE)")
     p.add_argument("--template", choices=TEMPLATES, help="default: alpaca for alpaca data, else vicuna")
     p.add_argument("--format", choices=FORMATS, help="default: detected from the records' keys")
-    p.add_argument("--max-len", type=int, default=512)
+    p.add_argument("--max-len", type=int, default=512, help="tokens per example; longer ones are truncated")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch size for the padding fraction")
     p.add_argument("--pack", action="store_true", help="also describe the packed rows")
     a = p.parse_args(argv)
-    try:
-        number("--max-len", a.max_len, lo=1)
-        number("--batch-size", a.batch_size, lo=1)
-        tok = Tokenizer(a.tokenizer)
-        records, fmt = read_format(a.file, a.format)
-        template = a.template or default_template(fmt)
-        examples, counts = tokenize_all(records, tok, template, a.max_len, a.file)
-    except (DataError, CheckpointError, UserError) as e:
-        print(f"data.py: error: {e}", file=sys.stderr)
-        return 2
+    number("--max-len", a.max_len, lo=1)
+    number("--batch-size", a.batch_size, lo=1)
+    tok = Tokenizer(a.tokenizer)
+    records, fmt = read_format(a.file, a.format)
+    template = a.template or default_template(fmt)
+    examples, counts = tokenize_all(records, tok, template, a.max_len, a.file)
     n_tokens = sum(len(x["input_ids"]) for x in examples)
     n_response = sum(label != IGNORE for x in examples for label in x["labels"])
     rows = pack(examples, a.max_len)
     print(f"{a.file}: {fmt} format, {template} template, max_len {a.max_len}")
     print(f"examples        {len(examples)} of {len(records)} records ({counts['truncated']} truncated, "
           f"{counts['dropped']} dropped with no response token left, {counts['unanswered']} without an answer)")
-    print(f"tokens          {n_tokens} (mean {n_tokens / len(examples):.1f}, max {max(len(x['input_ids']) for x in examples)})")
+    print(f"tokens          {n_tokens} (mean {n_tokens / len(examples):.1f}, "
+          f"max {max(len(x['input_ids']) for x in examples)})")
     print(f"response tokens {n_response} ({n_response / n_tokens:.1%} of tokens)")
     print(f"padding         {padding_fraction(examples, a.batch_size):.1%} at batch size {a.batch_size}, "
           f"{padding_fraction(rows, a.batch_size):.1%} packed (seq_len {a.max_len})")
     if a.pack:
         print(f"packed rows     {len(rows)} ({len(examples) / len(rows):.1f} examples and "
               f"{n_tokens / len(rows):.0f} tokens per row)")
-    return 0
+
+
+def main(argv=None):
+    return run_main("data.py", run, argv)
 
 
 if __name__ == "__main__":

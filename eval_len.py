@@ -3,11 +3,13 @@ paper's Table 4, and with --refs the ROUGE-L / BLEU-4 overlap with the training 
 
     python eval_len.py A.json B.json ... [--cutoff 50] [--refs train.json] [--json] [--plot table4.png]
 """
-import argparse
 import json
 import math
 import os
+import sys
 from collections import Counter
+
+from checks import ArgumentParser, UserError, run_main
 
 NGRAM_ORDERS = (2, 3, 4)  # the n-grams of Table 4's repetition and diversity
 
@@ -160,8 +162,9 @@ def print_table(results, cutoff):
         print(row)
 
 
-def main():
-    parser = argparse.ArgumentParser(
+def run(argv):
+    parser = ArgumentParser(
+        prog="eval_len.py",
         description="Table 4 of NEFTune (Jain et al. 2023) for AlpacaEval output files: mean length "
                     "in characters and whitespace tokens, 2/3/4-gram repetition (%) and log-diversity.")
     parser.add_argument("files", nargs="+", metavar="FILE",
@@ -176,25 +179,24 @@ def main():
                              "response to the same instruction (Figure 5)")
     parser.add_argument("--json", action="store_true", help="print a JSON object keyed by file path")
     parser.add_argument("--plot", metavar="FIG.png", help="also draw the statistics side by side (png, pdf or svg)")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     if args.cutoff < max(NGRAM_ORDERS):
-        parser.error(f"--cutoff must be at least {max(NGRAM_ORDERS)} (4-gram repetition)")
-    if args.plot:  # checked before any work, so a typo does not cost a long evaluation; one line, exit 2
+        raise UserError(f"--cutoff must be at least {max(NGRAM_ORDERS)} (4-gram repetition)")
+    if args.plot:  # checked before any work, so a typo does not cost a long evaluation
         folder = os.path.dirname(args.plot) or "."
         problem = ("the file name must end in .png, .pdf or .svg" if not args.plot.lower().endswith((".png", ".pdf", ".svg"))
                    else f"{folder} is not a writable folder" if not (os.path.isdir(folder) and os.access(folder, os.W_OK))
                    else "is a folder" if os.path.isdir(args.plot) else None)
         if problem:
-            parser.exit(2, f"{parser.prog}: error: --plot {args.plot}: {problem}\n")
+            raise UserError(f"--plot {args.plot}: {problem}")
 
     def load(path, keys):
-        # Bad input ends in one line naming the file and exit status 2 (argparse's), no traceback.
         try:
             return load_records(path, keys)
         except OSError as e:
-            parser.exit(2, f"{parser.prog}: error: {path}: {e.strerror or e}\n")
+            raise UserError(f"{path}: {e.strerror or e}") from None
         except ValueError as e:  # also UnicodeDecodeError
-            parser.exit(2, f"{parser.prog}: error: {path}: {e}\n")
+            raise UserError(f"{path}: {e}") from None
 
     train = load(args.refs, ("instruction", "output")) if args.refs else None
     keys = ("instruction", "output") if train else ("output",)
@@ -211,7 +213,12 @@ def main():
     if args.plot:
         import plots  # matplotlib only when asked for
         plots.plot_table4(results, args.plot)
+        print(f"wrote {args.plot}", file=sys.stderr)
+
+
+def main(argv=None):
+    return run_main("eval_len.py", run, argv)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,46 +1,56 @@
-"""The compiled one-token decode step behind `sample.generate(..., compile=True)` and `sample.py --compile`
-(gpt-fast's recipe): a static KV cache written in place, one graph per batch shape, replayed for every
-token; on CUDA under mode "reduce-overhead" as a CUDA graph. bench.py's decode1 part measures it.
+"""The one-token decode step of sample.generate, and its compiled form (gpt-fast's recipe): the static
+KV cache is written in place at a slot given as a tensor, so one graph per batch shape serves every
+token; on CUDA it replays as a CUDA graph. bench.py's decode1 part measures it against eager decoding.
 """
-import weakref
+import time
 
 import torch
 
-# Compiled decoding (gpt-fast's recipe): the one-token step is compiled once per batch shape and then
-# replayed; on CUDA under mode "reduce-overhead" it replays as a CUDA graph, so a step costs one launch.
 CACHE_BUCKET = 256  # compiled decoding rounds the cache length up to this: few shapes, few compiles
-_compiled_steps = {}  # torch.compile'd decode_step per device type
-_static_caches = weakref.WeakKeyDictionary()  # model -> {(batch, length, dtype, device): [KVCache per layer]}
+TIMED_STEPS = 6  # CPU: compiled and eager steps timed in turn before one of them is kept for a shape
+_compiled = {}  # device type -> torch.compile'd decode_step
+_shapes = set()  # the (batch, cache length, dtype) shapes compiled since the last reset
+_choice = {}  # CPU: (batch, cache length, dtype) -> the step that was faster there
 
 
 def decode_step(model, tok, t, pad, mask):
-    """generate()'s one-token step with the same shapes at every t, so that one compiled graph serves
-    them all: the cache slot t is a 0-d tensor (a Python int would be baked into the graph), the new
-    K/V are written in place at t, and the keys are the whole static cache, slots after t masked.
-    tok (B,), pad (B,) left-padding per row, mask (B, cache length): True at real tokens."""
-    key_mask = mask & (torch.arange(mask.shape[1], device=mask.device) <= t)
-    return model(tok[:, None], cache_pos=t.view(1), mask=key_mask, positions=(t - pad)[:, None])[:, -1]
+    """generate()'s step for every new token: tok (B,) goes to cache slot t (a 0-d tensor, so that a
+    compiled graph is not specialised to one t) at RoPE position t - pad (pad: (B,) left padding per
+    row); mask (B, cache length) is True at real tokens, and the model hides the slots after t."""
+    return model(tok[:, None], cache_pos=t.view(1), mask=mask, positions=(t - pad)[:, None])[:, -1]
+
+
+def batch_bucket(batch_size):
+    """Compiled decoding runs batches of a power of two: 1..256 rows in 9 shapes."""
+    return 1 << (batch_size - 1).bit_length()
+
+
+def cache_length(n, compile):
+    return CACHE_BUCKET * -(-n // CACHE_BUCKET) if compile else n
 
 
 def matvec(a, b, out_dtype=None):
-    """aten.mm for the compiled CPU step at batch 1, as a multiply-and-sum in fp32. MKL runs a batch-1
-    mat-vec on one core at well under the memory bandwidth (bench.py decode1 profiles it); written
-    this way, inductor emits one vectorised reduction per weight, split across the cores."""
+    """aten.mm for the compiled CPU step at batch 1, as a multiply-and-sum in fp32: inductor emits one
+    vectorised reduction per weight, split across the cores, where the BLAS's mat-vec may use one."""
     if a.shape[0] != 1 or out_dtype is not None:
         return NotImplemented  # batched decoding: a real matmul
     return (a.float()[:, :, None] * b.float()[None]).sum(1).to(a.dtype)
 
 
 def compiled_step(device):
-    if device.type not in _compiled_steps:
+    """torch.compile(decode_step) for this device type. On a CPU with inductor's private
+    decompositions: batch-1 mm as matvec, and attention as plain ops that inductor fuses (the CPU flash
+    kernel costs more per call than one query's work against a short cache). On an AMD EPYC with
+    AVX-512-BF16 (2 cores) they took batch-1 decoding of a 134M model from 36 to 109 tokens/s in fp32
+    while a plain torch.compile stayed at eager's speed (docs/performance.md); where the BLAS's mat-vec
+    is already fast they can lose, which step_function's timing catches."""
+    if device.type not in _compiled:
         if device.type == "cuda":  # the step replays as a CUDA graph: one launch per token
             backend = dict(mode="reduce-overhead")
         else:
             from torch._decomp import get_decompositions
             from torch._inductor.compile_fx import compile_fx
             from torch._inductor.decomposition import select_decomp_table
-            # and attention as plain ops, which inductor fuses: the CPU flash kernel costs more per
-            # call than the work of one query against a short cache (bench.py decode1 --profile)
             sdpa = get_decompositions([torch.ops.aten._scaled_dot_product_flash_attention_for_cpu])
             decomps = {**select_decomp_table(), **sdpa, torch.ops.aten.mm.default: matvec}
 
@@ -49,24 +59,50 @@ def compiled_step(device):
                 with torch._functorch.config.patch(enable_autograd_cache=False):
                     return compile_fx(gm, inputs, decompositions=decomps, config_patches={"fx_graph_cache": False})
             backend = dict(backend=cpu_backend)
-        _compiled_steps[device.type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **backend)
-    return _compiled_steps[device.type]
+        _compiled[device.type] = torch.compile(decode_step, fullgraph=True, dynamic=False, **backend)
+    return _compiled[device.type]
 
 
-def attach_static_cache(model, batch_size, max_len):
-    """Caches for the compiled step live as long as the model, one set per shape, and are marked as
-    static addresses: the compiled graph (a CUDA graph on GPU) is built for these very buffers and
-    reused by every later call of that shape instead of being recompiled or re-recorded."""
+def step_function(model, batch_size, cache_len, compile):
+    """Set up the model's static cache for this shape (only this shape's: another one replaces it)
+    and return the decode step to call: decode_step, or its compiled form. dynamo compiles a graph per
+    shape and refuses (fullgraph) past recompile_limit shapes: before that, the compiled graphs are
+    dropped and compiling starts afresh, so no run meets the limit however many shapes it sees."""
+    model.setup_cache(batch_size, cache_len)
+    if not compile:
+        return decode_step
     p = model.output.weight
-    caches = _static_caches.setdefault(model, {})
-    key = (batch_size, max_len, p.dtype, p.device)
-    if key not in caches:
-        model.setup_cache(batch_size, max_len)
-        caches[key] = [layer.attention.cache for layer in model.layers]
-        for c in caches[key]:
-            torch._dynamo.mark_static_address(c.k)
-            torch._dynamo.mark_static_address(c.v)
-    for layer, c in zip(model.layers, caches[key]):
-        c.k.zero_()  # stale slots are masked anyway; zeros keep them finite
-        c.v.zero_()
-        layer.attention.cache = c
+    shape = (batch_size, cache_len, p.dtype)
+    if shape not in _shapes and len(_shapes) >= torch._dynamo.config.recompile_limit:
+        torch.compiler.reset()
+        _compiled.clear(), _shapes.clear(), _choice.clear()
+    _shapes.add(shape)
+    for layer in model.layers:  # the compiled graph (a CUDA graph on GPU) is built for these very buffers
+        torch._dynamo.mark_static_address(layer.attention.cache.k)
+        torch._dynamo.mark_static_address(layer.attention.cache.v)
+    compiled = compiled_step(p.device)
+    return compiled if p.device.type == "cuda" else Faster(compiled, shape)
+
+
+class Faster:
+    """The CPU's compiled step is not faster everywhere: on a Xeon whose BLAS runs the mat-vecs near
+    the memory bandwidth, eager decoding was measured faster. So the first steps of each shape time
+    the compiled and the eager step in turn (both give the same tokens: these are real steps, not a
+    rehearsal), and the faster one serves that shape from then on."""
+
+    def __init__(self, compiled, shape):
+        self.steps, self.shape, self.times, self.warm = (compiled, decode_step), shape, ([], []), False
+
+    def __call__(self, *args):
+        if self.shape in _choice:
+            return _choice[self.shape](*args)
+        if not self.warm:  # the first compiled call compiles: not timed
+            self.warm = True
+            return self.steps[0](*args)
+        which = (len(self.times[0]) + len(self.times[1])) % 2
+        t0 = time.perf_counter()
+        out = self.steps[which](*args)
+        self.times[which].append(time.perf_counter() - t0)
+        if len(self.times[1]) == TIMED_STEPS // 2:
+            _choice[self.shape] = self.steps[0] if min(self.times[0]) <= min(self.times[1]) else self.steps[1]
+        return out

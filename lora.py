@@ -8,12 +8,12 @@ Base weights keep their Meta key names (layers.0.attention.wq.weight) and the ad
 them (layers.0.attention.wq.lora_a, .lora_b), so a Meta checkpoint still loads into the base.
 """
 import math
-import os
-from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from checks import atomic
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # every linear of a block; QLoRA found all were needed
 ADAPTER_KEYS = ("lora_a", "lora_b")
@@ -23,7 +23,7 @@ class LoRALinear(nn.Module):
     """A frozen nn.Linear (no bias, as in LLaMA) plus the side path x -> dropout -> A -> B -> scale,
     as torchtune's LoRALinear: the d_out x d_in delta B A is never formed while training."""
 
-    def __init__(self, base: nn.Linear, rank, alpha, dropout, generator=None):
+    def __init__(self, base: nn.Linear, rank, alpha, dropout):
         super().__init__()
         self.weight = base.weight  # same Parameter, same key name
         self.weight.requires_grad_(False)
@@ -33,9 +33,6 @@ class LoRALinear(nn.Module):
         # adapters in fp32 whatever the base's dtype: they are the trained (master) weights
         self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=base.weight.device))
         self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=base.weight.device))
-        if self.lora_a.device.type != "meta":
-            # microsoft/LoRA's init: A as nn.Linear's default (Kaiming-uniform, a=sqrt(5)), B = 0
-            nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5), generator=generator)
 
     def forward(self, x):
         # .to: fp32 adapters on a bf16 base outside autocast/FSDP (e.g. load_adapters, then eval)
@@ -53,19 +50,34 @@ def check_targets(targets):
 
 def add_lora(model, rank, alpha, dropout=0.0, targets=TARGETS, seed=0):
     """Freeze every parameter of model and wrap the targeted linears of each block in LoRALinear,
-    in place. A is drawn from one generator seeded by `seed`, in module order: every rank of a run
-    builds the same adapters. Returns the model."""
+    in place, with the adapters of initial_adapters(model, seed). A model on the meta device (a
+    sharded run fills its shards later) gets them uninitialised. Returns the model."""
     if check_targets(targets):
         raise ValueError(f"unknown LoRA targets {check_targets(targets)}; known: {' '.join(TARGETS)}")
     for p in model.parameters():
         p.requires_grad_(False)
-    gen = torch.Generator().manual_seed(seed)
     for layer in model.layers:
         for parent in (layer.attention, layer.feed_forward):
             for name in TARGETS:
                 if name in targets and isinstance(getattr(parent, name, None), nn.Linear):
-                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout, gen))
+                    setattr(parent, name, LoRALinear(getattr(parent, name), rank, alpha, dropout))
+    if next(model.parameters()).device.type != "meta":
+        with torch.no_grad():
+            for k, v in initial_adapters(model, seed).items():
+                model.get_parameter(k).copy_(v)
     return model
+
+
+def initial_adapters(model, seed):
+    """{key: tensor} of every adapter at step 0, on the CPU: microsoft/LoRA's init, A as nn.Linear's
+    default (Kaiming-uniform, a=sqrt(5)) and B = 0. A is drawn from one generator seeded by `seed`,
+    in module order, so every rank of a run, and every world size, builds the same adapters."""
+    gen, out = torch.Generator().manual_seed(seed), {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoRALinear):
+            out[f"{name}.lora_a"] = nn.init.kaiming_uniform_(torch.empty(m.lora_a.shape), a=math.sqrt(5), generator=gen)
+            out[f"{name}.lora_b"] = torch.zeros(m.lora_b.shape)
+    return out
 
 
 def is_adapter(key):
@@ -92,13 +104,11 @@ def merge_state_dict(state, scale, dtype=torch.float32):
 
 
 def save_adapters(path, state, rank, alpha, dropout, targets):
-    """The adapters and what re-applies them (load_adapters), loadable with weights_only=True.
-    Written under a temporary name and renamed, so a crash never leaves half a file."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save({"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
-                "adapters": {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(state).items()}}, tmp)
-    os.replace(tmp, path)
+    """The adapters and what re-applies them (load_adapters), loadable with weights_only=True,
+    written under a temporary name and renamed: a crash never leaves half a file."""
+    with atomic(path) as tmp:
+        torch.save({"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
+                    "adapters": {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(state).items()}}, tmp)
 
 
 def load_adapters(model, path):
@@ -109,5 +119,6 @@ def load_adapters(model, path):
     result = model.load_state_dict({k: v.to(dev) for k, v in d["adapters"].items()}, strict=False)
     missing = [k for k in result.missing_keys if is_adapter(k)]
     if missing or result.unexpected_keys:
-        raise ValueError(f"{path}: adapters do not fit this model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
+        raise ValueError(f"{path}: adapters do not fit this model "
+                         f"(missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})")
     return model

@@ -1,31 +1,32 @@
-"""LLaMA-1/2/3.x in one file, loading and saving Meta's own checkpoint folders.
+"""LLaMA-1/2/3.x in one file, and Meta's own checkpoint folders in and out.
 
     python model.py llama-2-7b/ --prompt "The capital of France is"
 
-Reads top to bottom like Meta's llama/model.py: ModelArgs (= params.json), RMSNorm, RoPE,
-Attention (GQA + KV cache), FeedForward (SwiGLU), the Transformer; then load_meta (merges
-Meta's model-parallel shards) and save_meta (writes Meta's layout back). The tokenizer is in tokenizer.py.
+Reads top to bottom like Meta's llama/model.py: ModelArgs (= params.json), RMSNorm, RoPE, the KV
+cache, Attention (GQA), FeedForward (SwiGLU), the Transformer; then Meta's format: meta_weights
+(reads consolidated.NN.pth lazily, a block of rows at a time), load_meta, save_meta.
 """
-import argparse
 import json
 import math
-import os
 import shutil
 import sys
-import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from tokenizer import CheckpointError, Tokenizer, find_tokenizer  # noqa: F401 (re-exported: `from model import Tokenizer`)
+from checks import ArgumentParser, CheckpointError, atomic, number, run_main
+from tokenizer import Tokenizer, find_tokenizer  # noqa: F401 (re-exported: `from model import Tokenizer`)
+
+META_ROPE_SCALING = dict(rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                         rope_original_context=8192)  # apply_scaling's constants in Meta's llama-models
 
 
 @dataclass
-class ModelArgs:  # the fields of Meta's params.json, one to one
+class ModelArgs:  # the fields of Meta's params.json, one to one, then the few that HF configs add
     dim: int = 4096
     n_layers: int = 32
     n_heads: int = 32
@@ -36,30 +37,31 @@ class ModelArgs:  # the fields of Meta's params.json, one to one
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
-    use_scaled_rope: bool = False  # LLaMA-3.1/3.2: Meta's long-context RoPE frequency scaling
+    use_scaled_rope: bool = False  # LLaMA-3.1/3.2: Meta's long-context RoPE frequency scaling, with:
+    rope_scaling_factor: float = 8.0  # Meta's code uses 8 for every model; HF's Llama-3.2 configs say 32
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192
+    head_dim: Optional[int] = None  # None = dim // n_heads, as in every Meta model
+    hidden_dim: Optional[int] = None  # the SwiGLU width when an HF config states one multiple_of cannot give
 
     @classmethod
     def from_dict(cls, d, source="params.json"):
         """Any other key could change the math (vision_*, quantization_args, moe_args, lora_args, a
         rope_scaling dict, ...) and silently wrong logits are the one outcome not allowed: refused.
-        Only keys that change nothing are ignored: IGNORED_PARAMS, or a key whose value is null."""
+        Only keys that change nothing are ignored: max_batch_size, or a key whose value is null."""
         known = {f.name for f in fields(cls)}
-        for k in sorted(set(d) - known - IGNORED_PARAMS):
+        for k in sorted(set(d) - known - {"max_batch_size"}):  # max_batch_size: Meta's generation setting
             if d[k] is not None:
                 raise CheckpointError(f"{source}: key {k!r} changes the model and is not implemented here")
-        if not isinstance(d.get("use_scaled_rope", False), bool):
-            raise CheckpointError(f"{source}: use_scaled_rope must be true or false, got {d['use_scaled_rope']!r}")
         for f in fields(cls):  # "dim": "256" would fail far away, in a tensor shape
-            v, kind = d.get(f.name), float if "float" in str(f.type) else int
-            if f.type is bool or v is None:
-                continue
-            if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
-                raise CheckpointError(f"{source}: \"{f.name}\" must be {'a number' if kind is float else 'an integer'}, got {v!r}")
-        return cls(**{k: v for k, v in d.items() if k in known})
-
-
-# Meta's generation-time settings (their ModelArgs has them, some params.json files too): not the model.
-IGNORED_PARAMS = {"max_batch_size"}
+            want = getattr(f.type, "__args__", (f.type,))[0]  # Optional[int] -> int
+            v = d.get(f.name)
+            if v is not None and (not isinstance(v, (int, float) if want is float else want)
+                                  or isinstance(v, bool) != (want is bool)):
+                kind = {bool: "true or false", int: "an integer"}.get(want, "a number")
+                raise CheckpointError(f"{source}: \"{f.name}\" must be {kind}, got {v!r}")
+        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
 
 class RMSNorm(nn.Module):
@@ -74,84 +76,81 @@ class RMSNorm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x) * self.weight
 
 
-def scale_rope_frequencies(inv_freq, factor=8.0, low_freq_factor=1.0, high_freq_factor=4.0, old_context=8192):
-    """LLaMA-3.1's context extension (apply_scaling in Meta's llama-models, the same constants for
-    every model with use_scaled_rope): rotations with wavelength below old_context/high_freq_factor
-    (2048 positions) are kept, those above old_context/low_freq_factor (8192) slowed down `factor`
-    times, and the band between interpolated linearly in old_context / wavelength."""
-    wavelen = 2 * math.pi / inv_freq
-    smooth = ((old_context / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)).clamp(0, 1)
-    return (1 - smooth) * inv_freq / factor + smooth * inv_freq
+def scale_rope_frequencies(inv_freq, args):
+    """LLaMA-3.1's context extension (apply_scaling in Meta's llama-models): rotations with wavelength
+    below original_context / high_freq_factor (2048 positions) are kept, those above
+    original_context / low_freq_factor (8192) are slowed down `factor` times, and the band between
+    is interpolated linearly in original_context / wavelength."""
+    lo, hi, old = args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_context
+    smooth = ((old * inv_freq / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)
+    return (1 - smooth) * inv_freq / args.rope_scaling_factor + smooth * inv_freq
 
 
-def rope_cos_sin(positions, head_dim, theta, scaled=False):
+def rope_cos_sin(positions, args):
     """Rotation angles position * theta^(-2i/head_dim) (RoFormer eq. 15), in fp32 like Meta's
-    precompute_freqs_cis; scaled: LLaMA-3.1's frequency scaling. Computed per call from the positions,
-    so packed rows and left-padded generation batches simply pass their own positions; it is a few
-    KB of work."""
-    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=positions.device).float() / head_dim)
-    if scaled:
-        inv_freq = scale_rope_frequencies(inv_freq)
+    precompute_freqs_cis. Computed per call from the positions, so packed rows and left-padded
+    generation batches simply pass their own positions; it is a few KB of work."""
+    hd = args.head_dim or args.dim // args.n_heads
+    inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, device=positions.device).float() / hd)
+    if args.use_scaled_rope:
+        inv_freq = scale_rope_frequencies(inv_freq, args)
     angles = positions.float()[..., None] * inv_freq  # (B, T, head_dim/2)
     return angles.cos(), angles.sin()
 
 
 def apply_rope(x, cos, sin):
     """Meta's interleaved convention: features (2i, 2i+1) form one complex number that is rotated
-    by angle i. Meta's weights are used as released (no q/k permutation as in HF's conversion)."""
+    by angle i. Meta's weights are used as released (hf.py undoes HF's permutation of q and k)."""
     xr, xi = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, T, H, head_dim/2) each
     cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # broadcast over heads
     return torch.stack((xr * cos - xi * sin, xr * sin + xi * cos), dim=-1).flatten(-2).type_as(x)
 
 
-class KVCache:
-    """Static cache for generation, allocated once at full length and written in place."""
+class KVCache(nn.Module):
+    """The static cache of generation (gpt-fast's): allocated once at its full length, and each step
+    writes its keys and values in place at the slots given as a tensor, so every decode step has the
+    same shapes and one compiled graph serves them all. Slots not yet written are masked."""
 
     def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+        super().__init__()
         shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.k = torch.zeros(shape, dtype=dtype, device=device)
-        self.v = torch.zeros(shape, dtype=dtype, device=device)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
-    def update(self, pos, k, v):
-        if isinstance(pos, torch.Tensor):  # compiled decoding (sample.py): one slot given as a tensor, so
-            self.k[:, :, pos] = k  # the graph is the same at every step; keys are the whole cache, and
-            self.v[:, :, pos] = v  # the caller's mask hides the slots not yet written
-            return self.k, self.v
-        end = pos + k.shape[2]
-        self.k[:, :, pos:end] = k
-        self.v[:, :, pos:end] = v
-        return self.k[:, :, :end], self.v[:, :, :end]  # views: no copy, work linear in length
+    def update(self, slots, k, v):
+        self.k[:, :, slots] = k
+        self.v[:, :, slots] = v
+        return self.k, self.v
 
 
 class Attention(nn.Module):
     def __init__(self, args):
         super().__init__()
-        self.n_heads = args.n_heads
-        self.n_kv_heads = args.n_kv_heads or args.n_heads
-        self.head_dim = args.dim // args.n_heads
+        self.n_heads, self.n_kv_heads = args.n_heads, args.n_kv_heads or args.n_heads
+        self.head_dim = args.head_dim or args.dim // args.n_heads
         self.wq = nn.Linear(args.dim, self.n_heads * self.head_dim, bias=False)
         self.wk = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wv = nn.Linear(args.dim, self.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
-        self.cache = None  # a KVCache while generating (Transformer.setup_cache), else None
+        self.cache = None  # a KVCache while generating (Transformer.setup_cache)
 
     def forward(self, x, cos, sin, attn_mask, cache_pos):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
-        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, hd)
-        if self.cache is not None:
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
+        if cache_pos is not None:  # generating: this step's keys and values join the cache
             k, v = self.cache.update(cache_pos, k, v)
-        if self.n_kv_heads != self.n_heads:  # GQA: query head h reads KV head h // n_rep (Meta's repeat_kv)
-            n_rep = self.n_heads // self.n_kv_heads
-            k, v = k.repeat_interleave(n_rep, dim=1), v.repeat_interleave(n_rep, dim=1)
-        # no mask: causal within the block, or one new token that may see every cached key
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None and T > 1)
+        # GQA: query head h reads KV head h // (n_heads / n_kv_heads), inside SDPA: no repeated K/V copies
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                           enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
 def ffn_hidden_dim(args):
+    if args.hidden_dim:
+        return args.hidden_dim
     hidden = int(2 * 4 * args.dim / 3)  # SwiGLU keeps the 4*dim FFN's parameter count (Shazeer 2020)
     if args.ffn_dim_multiplier is not None:
         hidden = int(args.ffn_dim_multiplier * hidden)
@@ -182,21 +181,22 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
-def attention_mask(T, start, mask, segment_ids, device):
-    """None when SDPA needs no mask (a plain causal batch, or one decoded token without padding:
-    its fast kernels), else a (B, 1, T, start+T) bool mask, True where query i may attend to key j:
-    causal, not a padding key (mask), same document (segment_ids). Every query may see itself,
-    so padding rows never become all-masked (NaN)."""
-    if mask is None and segment_ids is None and (start == 0 or T == 1):
+def attention_mask(T, mask=None, segment_ids=None, cache_pos=None, cache_len=None):
+    """None where plain causal attention is right (SDPA's fast kernels), else a (B, 1, T, keys) bool
+    mask, True where query i may see key j: j is not later than i, is a real token (mask: (B, keys),
+    True at real tokens) and is in i's document (segment_ids: (B, T), packed rows). With a KV cache
+    the keys are the cache's slots and the queries sit at slots cache_pos. Every query sees itself,
+    so a padding row is never all-masked (NaN)."""
+    if cache_pos is None and mask is None and segment_ids is None:
         return None
-    q_idx = torch.arange(start, start + T, device=device)[:, None]
-    k_idx = torch.arange(start + T, device=device)[None, :]
-    allowed = (k_idx <= q_idx)[None]  # (1, T, S)
-    if mask is not None:  # (B, S): True at real tokens
+    q = torch.arange(T, device=(mask if mask is not None else segment_ids).device) if cache_pos is None else cache_pos
+    k = torch.arange(T if cache_pos is None else cache_len, device=q.device)
+    allowed = (k[None, :] <= q[:, None])[None]  # (1, T, keys)
+    if mask is not None:
         allowed = allowed & mask[:, None, :].bool()
-    if segment_ids is not None:  # (B, T), packed rows: no attention across documents
+    if segment_ids is not None:
         allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return (allowed | (k_idx == q_idx))[:, None]
+    return (allowed | (k[None, :] == q[:, None]))[:, None]
 
 
 class Transformer(nn.Module):
@@ -216,38 +216,43 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=0, head=None):
-        """tokens (B, T) -> logits (B, T, vocab). `noise` is a function applied to the input
-        embeddings (B, T, dim) before the first block: that is where NEFTune adds its noise
-        (train.py). It is a hook rather than a separate call so FSDP sees one forward.
-        mask: (B, start+T) bool, True at real tokens (right- or left-padded batches).
-        positions: (B, T) RoPE positions (default start..start+T-1); packed rows restart them
-        per document together with segment_ids (B, T). cache_pos: where these T tokens go in the
-        KV cache while generating (setup_cache); a 1-element tensor for a compiled decode step
-        (fast_decode.decode_step), which then needs `positions` and a mask over the whole cache.
-        head(h, output) replaces the output layer on the final normed states h: train.py computes
-        the loss there, chunk by chunk, so (B, T, vocab) logits never exist whole (a hook inside
-        forward, again, so that FSDP gathers the output)."""
+    def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=None, head=None):
+        """tokens (B, T) -> logits (B, T, vocab).
+        noise: (B, T, dim), added to the token embeddings before the first block: NEFTune's noise
+        (train.py draws it with noise.neftune_noise; inside forward, so FSDP gathers the embedding).
+        mask: (B, keys) bool, True at real tokens, for left-padded batches (generation); a right-padded
+        training batch needs none, causal attention never looks right. positions: (B, T) RoPE positions
+        (default 0..T-1, or the cache slots); packed rows restart them per document, with segment_ids.
+        cache_pos: (T,) the KV-cache slots these tokens go to, while generating (setup_cache).
+        head(h, output) replaces the output layer on the final normed states h: train.py computes the
+        loss there, chunk by chunk, so (B, T, vocab) logits never exist whole."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
-            h = noise(h)
+            h = h + noise.to(h.dtype)
         B, T, _ = h.shape
         if positions is None:
-            positions = torch.arange(cache_pos, cache_pos + T, device=h.device).expand(B, T)
-        cos, sin = rope_cos_sin(positions, self.args.dim // self.args.n_heads, self.args.rope_theta, self.args.use_scaled_rope)
-        if isinstance(cache_pos, torch.Tensor):  # static-shape decoding: mask (B, cache length) is final
-            attn_mask = mask[:, None, None, :]
-        else:
-            attn_mask = attention_mask(T, cache_pos, mask, segment_ids, h.device)
+            positions = (torch.arange(T, device=h.device) if cache_pos is None else cache_pos).expand(B, T)
+        cos, sin = rope_cos_sin(positions, self.args)
+        cache = self.layers[0].attention.cache
+        attn_mask = attention_mask(T, mask, segment_ids, cache_pos, None if cache is None else cache.k.shape[2])
         for layer in self.layers:
             h = layer(h, cos, sin, attn_mask, cache_pos)
         return self.output(self.norm(h)) if head is None else head(self.norm(h), self.output)
 
-    def setup_cache(self, batch_size, max_len, dtype=None, device=None):
-        p = self.output.weight
+    def setup_cache(self, batch_size, max_len):
+        """One static cache per layer, in the weights' dtype and device. The cache of the same shape
+        is kept and cleared (a compiled step is built for its very buffers); another shape replaces
+        it, so only the current shape's cache is ever held."""
+        p, a = self.output.weight, self.layers[0].attention
+        shape = (batch_size, a.n_kv_heads, max_len, a.head_dim)
+        if a.cache is not None and a.cache.k.shape == shape and a.cache.k.dtype == p.dtype:
+            for layer in self.layers:
+                layer.attention.cache.k.zero_()
+                layer.attention.cache.v.zero_()
+            return
+        self.clear_cache()  # free the old shape's cache before the new one is allocated
         for layer in self.layers:
-            a = layer.attention
-            a.cache = KVCache(batch_size, a.n_kv_heads, max_len, a.head_dim, dtype or p.dtype, device or p.device)
+            layer.attention.cache = KVCache(*shape[:2], max_len, a.head_dim, p.dtype, p.device)
 
     def clear_cache(self):
         for layer in self.layers:
@@ -255,6 +260,16 @@ class Transformer(nn.Module):
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
+
+
+# ----------------------------------------------------------------------------- Meta's format
+
+@dataclass
+class Weight:
+    """One weight of a checkpoint on disk, in Meta's layout: read(start, end) gives rows start:end,
+    reading only those from the memory-mapped file(s), so each rank of a sharded run reads its own rows."""
+    shape: torch.Size
+    read: Callable[[int, int], torch.Tensor]
 
 
 # How Meta's model-parallel code split each weight across consolidated.NN.pth (fairscale layers):
@@ -267,28 +282,32 @@ def load_weights(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except Exception as e:  # UnpicklingError (code in the pickle), RuntimeError (not a zip checkpoint), ...
-        why = "refusing a pickle that is not plain weights" if "weights_only" in str(e).lower() or "Unsupported" in str(e) else str(e).splitlines()[0]
+        pickled = "weights_only" in str(e).lower() or "Unsupported" in str(e)
+        why = "refusing a pickle that is not plain weights" if pickled else str(e).splitlines()[0]
         raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint ({why})") from None
 
 
-def merge_shards(shards, paths):
-    if len(shards) == 1:
-        return shards[0]
-    keys = set(shards[0])
-    for s, p in zip(shards[1:], paths[1:]):
-        if set(s) != keys:
-            raise CheckpointError(f"{p}: its keys differ from {paths[0].name}'s")
-    merged = {}
-    for k in list(shards[0]):  # a copy: the loop pops from shards[0]
-        dim = SPLIT_DIM.get(k.split(".")[-2])
-        parts = [s.pop(k) for s in shards]  # pop: let each shard's piece go once merged
-        merged[k] = parts[0] if dim is None else torch.cat(parts, dim=dim)  # norms are replicated
-    return merged
+def merged_weight(parts, dim):
+    """The full tensor that Meta's model-parallel parts concatenate to, as rows on demand."""
+    if dim is None or len(parts) == 1:  # norms are replicated in every part
+        return Weight(parts[0].shape, lambda s, e: parts[0][s:e])
+    if dim == 1:
+        return Weight(torch.Size([parts[0].shape[0], sum(p.shape[1] for p in parts)]),
+                      lambda s, e: torch.cat([p[s:e] for p in parts], dim=1))
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p.shape[0])
+
+    def rows(s, e):  # the parts are consecutive blocks of rows: take the overlap of each with s:e
+        pieces = [p[max(s - o, 0):e - o] for p, o in zip(parts, offsets) if o < e and o + p.shape[0] > s]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return Weight(torch.Size([offsets[-1], *parts[0].shape[1:]]), rows)
 
 
-def load_meta(ckpt_dir, dtype=None, device="cpu"):
-    """Meta's folder (params.json + consolidated.NN.pth) -> Transformer in eval mode. The model is
-    built on the meta device and the mmap'd tensors are assigned, so memory holds the weights once."""
+def meta_weights(ckpt_dir):
+    """Meta's folder -> (ModelArgs, {key: Weight}, tied), checked against params.json, nothing read
+    yet but the files' headers. tied: no output.weight, or one equal to the embedding (LLaMA-3.2 1B/3B
+    were trained so, as HF's tie_word_embeddings finetunes them): the model keeps one matrix."""
     ckpt_dir = Path(ckpt_dir)
     params_path = ckpt_dir / "params.json"
     if not params_path.is_file():
@@ -304,102 +323,128 @@ def load_meta(ckpt_dir, dtype=None, device="cpu"):
     for i, p in enumerate(paths):
         if p.name != f"consolidated.{i:02d}.pth":
             raise CheckpointError(f"{ckpt_dir / f'consolidated.{i:02d}.pth'}: missing shard ({len(paths)} found)")
-    state = merge_shards([load_weights(p) for p in paths], paths)
-    state.pop("rope.freqs", None)  # LLaMA-1 stored its RoPE table; we compute it
-    # Tied output layer (LLaMA-3.2 1B/3B were trained so, as HF's tie_word_embeddings finetunes them):
-    # no output.weight, as in some exports, or one equal to the embedding, as in Meta's 3.2 files
-    emb, out = state.get("tok_embeddings.weight"), state.get("output.weight")
-    tied = emb is not None and (out is None or (out.shape == emb.shape and torch.equal(out, emb)))
-    if tied:
-        state["output.weight"] = emb
+    shards = [load_weights(p) for p in paths]
+    for s, p in zip(shards[1:], paths[1:]):
+        if set(s) != set(shards[0]):
+            raise CheckpointError(f"{p}: its keys differ from {paths[0].name}'s")
+    state = {k: [s[k] for s in shards] for k in shards[0] if k != "rope.freqs"}  # LLaMA-1's RoPE table
+    emb, out = state.get("tok_embeddings.weight"), state.pop("output.weight", None)
+    tied = emb is not None and (out is None or all(torch.equal(a, b) for a, b in zip(out, emb)))
+    if not tied and out is not None:
+        state["output.weight"] = out
+    weights = {k: merged_weight(parts, SPLIT_DIM.get(k.split(".")[-2])) for k, parts in state.items()}
+    if args.vocab_size <= 0 and emb is not None:
+        args.vocab_size = weights["tok_embeddings.weight"].shape[0]
+    check_weights(args, weights, tied, f"{ckpt_dir} ({len(paths)} shard(s))")
+    return args, weights, tied
+
+
+def check_weights(args, weights, tied, source, config="params.json"):
+    """Keys and shapes against the model that args (read from `config`) describe, before anything is read."""
     if args.vocab_size <= 0:
-        if "tok_embeddings.weight" not in state:
-            raise CheckpointError(f"{paths[0]}: no tok_embeddings.weight")
-        args.vocab_size = state["tok_embeddings.weight"].shape[0]
+        raise CheckpointError(f"{source}: no tok_embeddings.weight")
+    with torch.device("meta"):
+        expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
+    expected.pop("output.weight") if tied else None
+    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{source}: keys disagree with {config} "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+    for k, shape in expected.items():
+        if weights[k].shape != shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(weights[k].shape)} "
+                                  f"but {config} implies {tuple(shape)}")
+
+
+def build(args, weights, tied, dtype=None, device="cpu", tok_dir=None):
+    """A Transformer in eval mode holding `weights`: built on the meta device and given the tensors
+    (memory-mapped, for a one-file checkpoint), so memory holds the weights once."""
+    tok_path = find_tokenizer(tok_dir) if tok_dir is not None else None
+    n_words = Tokenizer(tok_path).n_words if tok_path is not None else args.vocab_size
+    if n_words != args.vocab_size:
+        raise CheckpointError(f"{tok_path}: tokenizer has {n_words} pieces but the embedding has "
+                              f"{args.vocab_size} rows")
     with torch.device("meta"):
         model = Transformer(args)
-    expected = {k: v.shape for k, v in model.state_dict().items()}
-    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
-    if missing or unexpected:
-        raise CheckpointError(f"{paths[0]}: keys disagree with params.json (missing {missing[:3]}, unexpected {unexpected[:3]})")
-    for k, shape in expected.items():
-        if state[k].shape != shape:
-            raise CheckpointError(f"{ckpt_dir}: {k} has shape {tuple(state[k].shape)} across {len(paths)} shard(s) "
-                                  f"but params.json implies {tuple(shape)}")
-    tok_path = find_tokenizer(ckpt_dir)
-    if tok_path is not None:
-        n_words = Tokenizer(tok_path).n_words
-        if n_words != args.vocab_size:
-            raise CheckpointError(f"{tok_path}: tokenizer has {n_words} pieces but the embedding has {args.vocab_size} rows")
-    if dtype is not None:
-        state = {k: v.to(dtype) for k, v in state.items()}
-    model.load_state_dict(state, assign=True)
+    state = {k: w.read(0, w.shape[0]) for k, w in weights.items()}
+    if tied:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    model.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, assign=True)
     if tied:  # one Parameter in two places: trained as one, and save_meta writes both keys
         model.output.weight = model.tok_embeddings.weight
     return model.to(device).eval()
 
 
-def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
-    """Write params.json + consolidated.00.pth (Meta's key names, one shard) [+ tokenizer.model],
-    readable by Meta's own code and every converter of Meta's layout. Everything is written into a
-    temporary sibling folder and renamed into place, so a crash never leaves a half-written folder."""
+def is_hf_folder(folder):
+    """A Hugging Face folder (config.json, safetensors: hf.py reads it) rather than Meta's (params.json)."""
+    return (Path(folder) / "config.json").is_file() and not (Path(folder) / "params.json").is_file()
+
+
+def load_meta(ckpt_dir, dtype=None, device="cpu"):
+    """Meta's folder (params.json + consolidated.NN.pth, model-parallel shards merged) -> Transformer."""
+    return build(*meta_weights(ckpt_dir), dtype=dtype, device=device, tok_dir=ckpt_dir)
+
+
+def meta_params(args):
+    """params.json as Meta's own files have it. Meta's ModelArgs(max_seq_len=..., **params) fails on a
+    duplicate max_seq_len, LLaMA-1/2's code knows no rope_theta or use_scaled_rope: only what differs
+    from those defaults is written. RoPE scaling numbers other than Meta's, a head_dim or hidden_dim
+    (from HF configs) are written as extra keys that load_meta reads back and Meta's code does not know."""
+    d, default = asdict(args), asdict(ModelArgs())
+    keep = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps"}
+    params = {k: v for k, v in d.items() if k in keep and v is not None}
+    params |= {k: d[k] for k in ("rope_theta", "use_scaled_rope", "head_dim", "hidden_dim") if d[k] != default[k]}
+    if args.use_scaled_rope:
+        params |= {k: d[k] for k, v in META_ROPE_SCALING.items() if d[k] != v}
+    return params
+
+
+def write_meta(state, args, out_dir, tokenizer_path=None):
+    """params.json + consolidated.00.pth (Meta's key names, one shard) [+ tokenizer.model] into a
+    temporary folder renamed into place: a crash never leaves a half-written checkpoint."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "params.json").exists():
         raise CheckpointError(f"{out_dir}: exists and is not a checkpoint folder; refusing to replace it")
-    args = asdict(model.args)
-    # Meta's ModelArgs(max_seq_len=..., **params) would fail on a duplicate max_seq_len, and
-    # LLaMA-2's code knows no rope_theta: write only what Meta's own params.json files contain.
-    params = {k: v for k, v in args.items() if k not in ("max_seq_len", "rope_theta") and v is not None}
-    if args["rope_theta"] != 10000.0:
-        params["rope_theta"] = args["rope_theta"]
-    if not args["use_scaled_rope"]:  # LLaMA-1/2's code knows no such key either
-        params.pop("use_scaled_rope")
-    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    if model.output.weight is model.tok_embeddings.weight:  # tied: one tensor under both of Meta's names
-        state["output.weight"] = state["tok_embeddings.weight"]
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
-        (tmp / "params.json").write_text(json.dumps(params, indent=2) + "\n")
+    with atomic(out_dir, folder=True) as tmp:
+        (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")
         if tokenizer_path is not None:
             shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
-        tmp.chmod(0o755)  # mkdtemp makes it 0700; a checkpoint folder is read by others like any folder
-        old = None
-        if out_dir.exists():
-            old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 
+def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
+    """A model in Meta's layout, readable by Meta's own code and every converter of Meta's layout.
+    A tied output layer is written under both of Meta's names, as one tensor."""
+    state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
+    if model.output.weight is model.tok_embeddings.weight:
+        state["output.weight"] = state["tok_embeddings.weight"]
+    return write_meta(state, model.args, out_dir, tokenizer_path)
+
+
 @torch.no_grad()
-def main(argv=None):
-    p = argparse.ArgumentParser(description="Load a Meta-format LLaMA folder, print its shape and greedy continuation.")
-    p.add_argument("ckpt_dir")
-    p.add_argument("--prompt", default="The capital of France is")
+def run(argv):
+    p = ArgumentParser(prog="model.py", description="Load a LLaMA folder, print its shape and greedy continuation.")
+    p.add_argument("ckpt_dir", help="Meta's layout (params.json, consolidated.NN.pth) or a Hugging Face folder")
+    p.add_argument("--prompt", default="The capital of France is", help="text to continue")
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens to generate (no cache: a quick check)")
     a = p.parse_args(argv)
-    try:
-        model = load_meta(a.ckpt_dir)
-        tok_path = find_tokenizer(a.ckpt_dir)
-        if tok_path is None:
-            raise CheckpointError(f"{a.ckpt_dir}: no tokenizer.model beside the weights or one level up")
-        tok = Tokenizer(tok_path)
-    except CheckpointError as e:
-        print(f"model.py: error: {e}", file=sys.stderr)
-        return 2
+    number("--tokens", a.tokens, lo=1)
+    model = load_meta(a.ckpt_dir)
+    tok_path = find_tokenizer(a.ckpt_dir)
+    if tok_path is None:
+        raise CheckpointError(f"{a.ckpt_dir}: no tokenizer.model beside the weights or one level up")
+    tok = Tokenizer(tok_path)
     print(f"{a.ckpt_dir}: {model.num_params() / 1e6:.1f}M parameters, {model.args}")
     ids = tok.encode(a.prompt)
     for _ in range(a.tokens):
         ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
     print(tok.decode(ids))
-    return 0
+
+
+def main(argv=None):
+    return run_main("model.py", run, argv)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import matplotlib
 
+from checks import ArgumentParser, UserError, run_main
+
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 
@@ -59,21 +61,30 @@ def plot_curves(runs, path, title=None):
 
 
 def write_curves(out, runs):
-    """runs: [(alpha, kind, run folder)] -> OUT/curves.png from each folder's log.jsonl."""
-    return plot_curves([(a, k, read_log(Path(d) / "log.jsonl")) for a, k, d in runs], Path(out) / "curves.png",
-                       title=f"{Path(out).resolve().name}: clean losses (Figure 4)")
+    """runs: [(alpha, kind, run folder)] -> OUT/curves.png from each folder's log.jsonl. One run is
+    titled as one run: Figure 4 is the comparison of a sweep (--alpha 0 5)."""
+    name = Path(out).resolve().name
+    title = (f"{name}: clean losses of alpha {runs[0][0]:g} alone (Figure 4 compares a sweep: --alpha 0 5)"
+             if len(runs) == 1 else f"{name}: clean losses (Figure 4)")
+    return plot_curves([(a, k, read_log(Path(d) / "log.jsonl")) for a, k, d in runs], Path(out) / "curves.png", title)
 
 
 def plot_table4(results, path):
     """results: {file: eval_len.length_stats(...)} -> one bar chart per Table 4 statistic, the files
-    side by side. Returns {statistic: [value per file]} read back from the bars (None: not measured)."""
+    side by side. Returns {statistic: [value per file]} read back from the bars (None: not measured),
+    and under "n/a" the (statistic, file index) pairs marked n/a on the figure."""
     names = list(results)
     fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=DPI)
     drawn = {}
     for ax, (key, label) in zip(axes.flat, TABLE4):
         values = [results[n][key] for n in names]
-        bars = ax.bar(range(len(names)), [0.0 if v is None else v for v in values], color=[f"C{i % 10}" for i in range(len(names))])
+        heights = [0.0 if v is None else v for v in values]
+        bars = ax.bar(range(len(names)), heights, color=[f"C{i % 10}" for i in range(len(names))])
+        for i, v in enumerate(values):  # undefined (no response reached the cutoff): marked, not a zero bar
+            if v is None:
+                ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
         drawn[key] = [None if v is None else b.get_height() for v, b in zip(values, bars)]
+        drawn.setdefault("n/a", []).extend((key, int(t.get_position()[0])) for t in ax.texts if t.get_text() == "n/a")
         ax.set_title(label, fontsize=9)
         ax.set_xticks(range(len(names)), [Path(n).stem for n in names], fontsize=7, rotation=20)
     fig.suptitle("Length, repetition and diversity of the responses (NEFTune Table 4)")
@@ -81,6 +92,15 @@ def plot_table4(results, path):
     fig.savefig(path)
     plt.close(fig)
     return drawn
+
+
+def write_sweep(out, results):
+    lines = ["| alpha | noise | clean train loss | eval loss | tokens/s |", "|---|---|---|---|---|"]
+    for r in results:
+        lines.append(f"| {r['alpha']:g} | {r['noise']} | {r['clean_train_loss']:.4f} | {r['eval_loss']:.4f} "
+                     f"| {r['tokens_per_s']:,.0f} |")
+    (out / "sweep.md").write_text("Final clean (noise-off) losses per run; see each folder's log.jsonl "
+                                  "for the curves.\n\n" + "\n".join(lines) + "\n")
 
 
 def sweep_runs(out):
@@ -99,27 +119,39 @@ def final_gaps(out, base=0.0):
     return {(a, k): {m: r[m] - last[(base, k)][m] for m, _ in METRICS} for (a, k), r in last.items() if a != base}
 
 
-def main(argv=None):
-    """Redraw OUT/curves.png of sweep folders; with several, print the gaps to alpha 0 as mean +- sd."""
-    folders = [Path(p) for p in (sys.argv[1:] if argv is None else argv)]
-    if not folders or not all(sweep_runs(f) for f in folders):
-        print("plots.py: error: give sweep folders of train.py --alpha 0 A ... (with alpha_*/log.jsonl)", file=sys.stderr)
-        return 2
+def run(argv):
+    p = ArgumentParser(prog="plots.py", description="Redraw OUT/curves.png of train.py sweep folders (--alpha 0 A "
+                       "...) and print each alpha's final gaps to alpha 0; with several folders (seeds), their mean "
+                       "and standard deviation.")
+    p.add_argument("folders", nargs="+", help="sweep folders, each holding alpha_*/log.jsonl")
+    folders = [Path(f) for f in p.parse_args(argv).folders]
+    for f in folders:
+        if not sweep_runs(f):
+            raise UserError(f"{f}: not a sweep folder of train.py --alpha 0 A ... (no alpha_*/log.jsonl)")
     gaps = {}
     for out in folders:
         write_curves(out, sweep_runs(out))
+        print(f"wrote {out / 'curves.png'}")
         for run, g in final_gaps(out).items():
             gaps.setdefault(run, []).append(g)
-            print(f"{out}: alpha {run[0]:g} {run[1]}: clean train gap {g['clean_train_loss']:+.4f}, held-out gap {g['eval_loss']:+.4f}")
+            print(f"{out}: alpha {run[0]:g} {run[1]}: clean train gap {g['clean_train_loss']:+.4f}, "
+                  f"held-out gap {g['eval_loss']:+.4f}")
     for (alpha, kind), gs in gaps.items():
         summary = []
         for m, label in METRICS:
             xs = [g[m] for g in gs]
             mean = sum(xs) / len(xs)
-            sd = (sum((x - mean) ** 2 for x in xs) / max(len(xs) - 1, 1)) ** 0.5
+            if len(xs) == 1:  # one run has no spread to show
+                summary.append(f"{label} {mean:+.4f}")
+                continue
+            sd = (sum((x - mean) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5
             summary.append(f"{label} {mean:+.4f} +- {sd:.4f}")
-        print(f"alpha {alpha:g} {kind} - alpha 0 over {len(gs)} runs: " + ", ".join(summary))
-    return 0
+        runs = f"over {len(gs)} runs" if len(gs) > 1 else "(one run: no spread)"
+        print(f"alpha {alpha:g} {kind} - alpha 0 {runs}: " + ", ".join(summary))
+
+
+def main(argv=None):
+    return run_main("plots.py", run, argv)
 
 
 if __name__ == "__main__":

@@ -3,21 +3,17 @@
     python sample.py --ckpt out/final --prompts ../shared/data/alpaca_eval_instructions.json --out outputs.json
     python sample.py --ckpt out/final --prompt "Give three tips for staying healthy."   # streams one answer
 """
-import argparse
 import json
-import os
 import sys
-import tempfile
-import time
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import data
+import fast_decode
 import model as llama
-from checks import UserError, number, writable_file
-from fast_decode import CACHE_BUCKET, attach_static_cache, compiled_step
+from checks import ArgumentParser, CheckpointError, DataError, UserError, atomic, number, run_main, writable_file
 
 # The paper's generation settings (the authors' eval_generate.py calls HF generate with do_sample=False,
 # repetition_penalty=1.2, max_length=1024): greedy, penalty 1.2, 1024 tokens counting the prompt.
@@ -62,10 +58,10 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     on_token(row, token_id) is called for every new token as it is chosen (streaming).
 
     Prompts are left-padded so every row's next token sits in the same column: the padded prompt block
-    is prefilled once, then each step feeds one token per row at cache position t. `mask` hides the
-    padding and `positions` start each row's RoPE at its first real token, so a row gives exactly the
-    tokens it gives alone. compile=True runs each step through torch.compile'd fast_decode.decode_step (the
-    same tokens; the first call of each batch shape pays the compile)."""
+    is prefilled once into the static KV cache, then each step feeds one token per row at cache slot t
+    (fast_decode.decode_step). `mask` hides the padding and `positions` start each row's RoPE at its
+    first real token, so a row gives exactly the tokens it gives alone. compile=True runs the step
+    through torch.compile (the same tokens; the first call of each batch shape pays the compile)."""
     if not prompts:
         return []
     B = len(prompts)
@@ -75,80 +71,60 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
         raise ValueError(f"{len(budgets)} max_new_tokens for {B} prompts")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: pass at least the BOS token")
+    if max(budgets) <= 0:
+        return [[] for _ in prompts]
+    if compile:  # few batch shapes, few compiles: rows of budget 0 fill the batch up to its bucket
+        extra = fast_decode.batch_bucket(B) - B
+        prompts, budgets = list(prompts) + [prompts[0][-1:]] * extra, budgets + [0] * extra
     lens = [len(p) for p in prompts]
     P, N = max(lens), max(budgets)
-    if N <= 0:
-        return [[] for _ in prompts]
     was_training = model.training
     model.eval()
     device = model.output.weight.device
-    tokens = torch.zeros(B, P, dtype=torch.long)  # pad id is irrelevant: masked out, never counted as seen
+    tokens = torch.zeros(len(prompts), P, dtype=torch.long)  # pad id is irrelevant: masked, never counted as seen
     for i, p in enumerate(prompts):
         tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
     tokens = tokens.to(device)
     pad = torch.tensor([P - n for n in lens], device=device)
     cols = torch.arange(P, device=device)
-    L = P + N - 1  # the last chosen token is never fed back
-    if compile:
-        L = CACHE_BUCKET * -(-L // CACHE_BUCKET)
-    mask = torch.ones(B, L, dtype=torch.bool, device=device)  # generated columns are real tokens
+    L = fast_decode.cache_length(P + N - 1, compile)  # the last chosen token is never fed back
+    mask = torch.ones(len(prompts), L, dtype=torch.bool, device=device)  # generated slots are real tokens
     mask[:, :P] = cols >= pad[:, None]
     positions = (cols - pad[:, None]).clamp(min=0)  # padding's positions are masked anyway
     # Which tokens each row has seen, for the penalty: counted with scatter_add so padding adds 0
     # (a plain boolean scatter with repeated ids would be order-dependent).
-    vocab = model.args.vocab_size
-    seen = torch.zeros(B, vocab, dtype=torch.long, device=device).scatter_add_(1, tokens, mask[:, :P].long()) > 0
+    seen = torch.zeros(len(prompts), model.args.vocab_size, dtype=torch.long, device=device)
+    seen = seen.scatter_add_(1, tokens, mask[:, :P].long()) > 0
     budget = torch.tensor(budgets, device=device)
-    n_out = torch.zeros(B, dtype=torch.long, device=device)
+    n_out = torch.zeros(len(prompts), dtype=torch.long, device=device)
     done = budget <= 0
-    out = torch.zeros(B, N, dtype=torch.long, device=device)
-    rows = torch.arange(B, device=device)
+    out = torch.zeros(len(prompts), N, dtype=torch.long, device=device)
+    rows = torch.arange(len(prompts), device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    stop = None if eos_id is None else torch.tensor([int(i) for i in eos_id] if hasattr(eos_id, "__iter__") else [int(eos_id)], device=device)
-    key_mask = mask if bool((pad > 0).any()) else None  # no padding: SDPA's mask-free kernels
-    if compile:
-        attach_static_cache(model, B, L)
-        step_fn = compiled_step(device)
-    else:
-        model.setup_cache(B, L)
+    stop_ids = [] if eos_id is None else [int(i) for i in eos_id] if hasattr(eos_id, "__iter__") else [int(eos_id)]
+    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
+    step_fn = fast_decode.step_function(model, len(prompts), L, compile)
     try:
-        logits = model(tokens, mask=None if key_mask is None else key_mask[:, :P], positions=positions, cache_pos=0)[:, -1]
+        logits = model(tokens, cache_pos=cols, mask=mask, positions=positions)[:, -1]  # prefill
         for step in range(N):
             tok = next_token(logits, seen, temperature, top_p, repetition_penalty, generator)
             out[:, step] = tok
-            is_eos = torch.isin(tok, stop) if stop is not None else torch.zeros_like(done)
+            is_eos = torch.isin(tok, stop)
             kept = ~done & ~is_eos  # a row's tokens are a prefix of out[i]: n_out counts it
             n_out += kept
             done |= is_eos | (n_out >= budget)
             seen[rows, tok] = True
             if on_token is not None:
-                for i in kept.nonzero()[:, 0].tolist():
+                for i in kept[:B].nonzero()[:, 0].tolist():
                     on_token(i, int(tok[i]))
             if step == N - 1 or bool(done.all()):  # one sync per step: cheap next to a forward pass
                 break
-            t = P + step
-            if compile:
-                logits = step_fn(model, tok, torch.tensor(t, device=device), pad, mask)
-                continue
-            step_mask = None if key_mask is None else key_mask[:, :t + 1]
-            logits = model(tok[:, None], cache_pos=t, mask=step_mask, positions=(t - pad)[:, None])[:, -1]
+            logits = step_fn(model, tok, torch.tensor(P + step, device=device), pad, mask)
     finally:
-        model.clear_cache()
+        if not compile:  # a compiled step keeps its cache, built for those buffers; eager frees it
+            model.clear_cache()
         model.train(was_training)
-    return [row[:n].tolist() for row, n in zip(out.cpu(), n_out.tolist())]
-
-
-def decode_speed(model, batch_size, new_tokens, prompt_len):
-    """Tokens/s of greedy generation (prefill included) for random prompts, after one warm-up call."""
-    g = torch.Generator().manual_seed(0)
-    prompts = torch.randint(3, model.args.vocab_size, (batch_size, prompt_len), generator=g).tolist()
-    generate(model, prompts, 2)
-    sync = torch.cuda.synchronize if model.output.weight.is_cuda else (lambda: None)
-    sync()
-    t0 = time.perf_counter()
-    out = generate(model, prompts, new_tokens)
-    sync()
-    return sum(map(len, out)) / (time.perf_counter() - t0)
+    return [row[:n].tolist() for row, n in zip(out.cpu(), n_out.tolist())][:B]
 
 
 def is_exact(answer, reference):
@@ -180,6 +156,15 @@ def exact_match_answers(model, tok, examples, batch_size=64):
     rows = [{"prompt": tok.decode(p), "answer": a, "reference": r, "correct": is_exact(a, r)}
             for p, a, r in zip(prompts, answers, references)]
     return {"exact_match": exact_match(answers, references), "n": len(rows), "answers": rows}
+
+
+def write_accuracy(ckpt_dir, tok, examples, path, device):
+    """exact_match_answers of the checkpoint in ckpt_dir on `device` (bf16 on a GPU, as trained there),
+    written to `path` as JSON; returns the exact-match fraction."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    answers = exact_match_answers(llama.load_meta(ckpt_dir, dtype=dtype, device=device), tok, examples)
+    write_json_atomic(path, answers)
+    return answers["exact_match"]
 
 
 class TextStream:
@@ -215,20 +200,20 @@ def read_prompts(path):
     """A JSON list (or JSONL) of {"instruction", ["input"], ["dataset"], ...}: AlpacaEval's file, Alpaca data."""
     records = data.read_json(path)  # DataError naming the file when missing or not JSON
     if not isinstance(records, list) or not records:
-        raise data.DataError(f"{path}: expected a non-empty JSON list of {{\"instruction\": ...}} records")
+        raise DataError(f"{path}: expected a non-empty JSON list of {{\"instruction\": ...}} records")
     for i, r in enumerate(records):
         if not isinstance(r, dict) or not isinstance(r.get("instruction"), str):
-            raise data.DataError(f"{path}: record {i} has no \"instruction\" string")
+            raise DataError(f"{path}: record {i} has no \"instruction\" string")
         if not isinstance(r.get("input") or "", str):
-            raise data.DataError(f"{path}: record {i}: \"input\" is not a string")
+            raise DataError(f"{path}: record {i}: \"input\" is not a string")
     return records
 
 
 def user_message(record, meta_prompt=None):
-    # The NEFTune paper's length control (its Table 5, as we recall it; we could not re-read the paper
-    # here): models without NEFTune are asked for longer answers with the meta-prompts "Generate a long
-    # response" and "Generate a comprehensive response", to see whether length alone buys the win
-    # rate. Where the authors put the text in the prompt we do not know; we append it on a new line.
+    # The paper's length control: models are also asked for longer answers with meta-prompts such as
+    # "Generate a long response", to see whether length alone buys the win rate (longer answers score
+    # better but do not close the gap). Where the authors put the text in the prompt is not stated;
+    # it is appended on a new line here.
     content = record["instruction"] + (f"\n{meta_prompt}" if meta_prompt else "")
     msg = {"role": "user", "content": content}
     if record.get("input"):
@@ -239,27 +224,31 @@ def user_message(record, meta_prompt=None):
 def generator_name(ckpt):
     """AlpacaEval's model name: the checkpoint folder's name, or its parent's for train.py's OUT/final."""
     p = Path(ckpt).resolve()
-    return p.parent.name if p.name == "final" else p.name
+    return p.parent.name if p.name in ("final", "final_hf") else p.name
 
 
 def write_json_atomic(path, obj):
-    """Write to a temporary sibling and rename it into place: an interrupted run leaves no half file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            # indent=1, raw UTF-8: how AlpacaEval's own model_outputs.json files are written
-            json.dump(obj, f, indent=1, ensure_ascii=False)
-            f.write("\n")
-        os.replace(tmp, path)
-    except BaseException:
-        os.unlink(tmp)
-        raise
+    """indent=1, raw UTF-8: how AlpacaEval's own model_outputs.json files are written; never half a file."""
+    with atomic(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def load(ckpt, dtype, device):
+    """A Meta folder (params.json) or a Hugging Face one (config.json) -> (model, tokenizer)."""
+    if llama.is_hf_folder(ckpt):
+        import hf  # safetensors and tokenizers only for HF folders
+        model = hf.load_hf(ckpt, dtype=dtype, device=device)
+    else:
+        model = llama.load_meta(ckpt, dtype=dtype, device=device)
+    tok_path = llama.find_tokenizer(ckpt)
+    if tok_path is None:
+        raise CheckpointError(f"{ckpt}: no tokenizer.model or tokenizer.json beside the weights or one level up")
+    return model, llama.Tokenizer(tok_path)
 
 
 def check_args(a):
     """Every number, path and the device, before the model is loaded: a mistake costs one line, and
-    never hours of generation (a bad --out used to surface only when the answers were written)."""
+    never hours of generation (a bad --out would otherwise surface only when the answers are written)."""
     for flag, x in (("--batch-size", a.batch_size), ("--max-length", a.max_length), ("--limit", a.limit),
                     ("--max-new-tokens", a.max_new_tokens)):
         if x is not None:  # --limit and --max-new-tokens are optional
@@ -275,58 +264,47 @@ def check_args(a):
     try:
         torch.empty(0, device=a.device)
     except (RuntimeError, AssertionError) as e:  # e.g. "Torch not compiled with CUDA enabled"
-        raise UserError(f"--device {a.device}: not usable here ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise UserError(f"--device {a.device}: not usable here ({why})") from None
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="Meta-format folder (params.json, consolidated.NN.pth, tokenizer.model)")
+def run(argv):
+    p = ArgumentParser(prog="sample.py", description=__doc__.splitlines()[0])
+    add = p.add_argument
+    add("--ckpt", required=True, help="a Meta folder (params.json, consolidated.NN.pth) or a Hugging Face one")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompts", help='JSON list of {"instruction", ["input"], ["dataset"]}')
+    src.add_argument("--prompts", help='JSON list of {"instruction", ["input"], ["dataset"]}: AlpacaEval\'s file')
     src.add_argument("--prompt", help="one instruction; its answer is streamed to stdout")
-    p.add_argument("--template", default="alpaca", choices=data.TEMPLATES, help="prompt format used in training")
-    p.add_argument("--out", default="outputs.json", help="AlpacaEval outputs file (with --prompts)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
-    p.add_argument("--generator", help="model name written into the outputs (default: the checkpoint's folder name)")
-    p.add_argument("--max-length", type=int, default=MAX_LENGTH, help="token budget counting the prompt, as HF's max_length")
-    p.add_argument("--max-new-tokens", type=int, help="new tokens per answer (overrides --max-length)")
-    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy, the paper's setting")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--repetition-penalty", type=float, default=REPETITION_PENALTY)
-    p.add_argument("--meta-prompt", help='append "\\n" + this to every instruction, e.g. "Generate a long response"')
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, help="answer only the first N prompts")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
-    p.add_argument("--compile", action="store_true", help="torch.compile the one-token decode step (same tokens; "
-                   "pays off for long answers, CUDA graphs on GPU)")
-
-    def fail(msg):  # one line naming the file, exit 2, no traceback
-        p.exit(2, f"sample.py: error: {msg}\n")
-
-    p.error = fail  # argparse's own errors too: one line, not a usage block
+    add("--template", default="alpaca", choices=data.TEMPLATES, help="prompt format used in training (default: alpaca)")
+    add("--out", default="outputs.json", help="AlpacaEval outputs file, with --prompts (default: outputs.json)")
+    add("--overwrite", action="store_true", help="replace an existing --out file")
+    add("--generator", help="model name written into the outputs (default: the checkpoint's folder name)")
+    add("--max-length", type=int, default=MAX_LENGTH, help="token budget counting the prompt, as HF's max_length "
+        "(default: 1024, the paper's)")
+    add("--max-new-tokens", type=int, help="new tokens per answer (overrides --max-length)")
+    add("--temperature", type=float, default=0.0, help="0 = greedy, the paper's setting (default: 0)")
+    add("--top-p", type=float, default=1.0, help="nucleus sampling mass, with --temperature > 0 (default: 1)")
+    add("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="CTRL's penalty (default: 1.2, the "
+        "paper's)")
+    add("--meta-prompt", help='append "\\n" + this to every instruction, e.g. "Generate a long response"')
+    add("--batch-size", type=int, default=16, help="prompts generated together (default: 16)")
+    add("--limit", type=int, help="answer only the first N prompts")
+    add("--seed", type=int, default=0, help="the sampling generator's seed (default: 0)")
+    add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present, else cpu")
+    add("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
+    add("--compile", action="store_true", help="torch.compile the one-token decode step (same tokens; pays off for "
+        "long answers, CUDA graphs on GPU; on a CPU kept only where it times faster)")
     a = p.parse_args(argv)
-
-    try:
-        check_args(a)
-        records = None
-        if a.prompts is not None:
-            records = read_prompts(a.prompts)[:a.limit]
-        dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
-        model = llama.load_meta(a.ckpt, dtype=dtype, device=a.device)
-        tok_path = llama.find_tokenizer(a.ckpt)
-        if tok_path is None:
-            raise llama.CheckpointError(f"{a.ckpt}: no tokenizer.model beside the weights or one level up")
-        tok = llama.Tokenizer(tok_path)
-    except (llama.CheckpointError, data.DataError, UserError) as e:
-        fail(e)
+    check_args(a)
+    records = read_prompts(a.prompts)[:a.limit] if a.prompts is not None else None
+    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+    model, tok = load(a.ckpt, dtype, a.device)
     ids = []
     for i, r in enumerate(records or [{"instruction": a.prompt}]):
         try:
             ids.append(data.prompt_ids([user_message(r, a.meta_prompt)], tok, a.template))
-        except (data.DataError, ValueError) as e:
-            fail(f"{a.prompts or '--prompt'}: record {i}: {e}")
+        except ValueError as e:
+            raise UserError(f"{a.prompts or '--prompt'}: record {i}: {e}") from None
     # HF's max_length counts the prompt; per prompt here, so a batch's longest prompt shortens no other.
     budgets = [a.max_new_tokens if a.max_new_tokens is not None else max(0, a.max_length - len(x)) for x in ids]
     if 0 in budgets:
@@ -360,9 +338,12 @@ def main(argv=None):
     try:
         write_json_atomic(a.out, outputs)
     except OSError as e:
-        fail(f"{a.out}: {e.strerror or e}")
+        raise UserError(f"{a.out}: {e.strerror or e}") from None
     print(f"wrote {len(outputs)} answers to {a.out}", file=sys.stderr)
-    return 0
+
+
+def main(argv=None):
+    return run_main("sample.py", run, argv)
 
 
 if __name__ == "__main__":

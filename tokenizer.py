@@ -9,6 +9,8 @@ import re
 import sys
 from pathlib import Path
 
+from checks import ArgumentParser, CheckpointError, run_main
+
 # LLaMA-3's pre-tokenizer (Meta's llama3 tokenizer.py; OpenAI's cl100k pattern): contractions, letters
 # with one leading non-letter, digits in groups of at most three, punctuation runs, newlines, spaces.
 PAT_STR = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
@@ -26,10 +28,6 @@ RANK_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")  # one line of a tiktoken BPE f
 # the text into calls of at most 400k characters, and such runs every 25k characters (a long
 # base64 blob in a ShareGPT dump is one)
 MAX_ENCODE_CHARS, MAX_RUN_CHARS = 400_000, 25_000
-
-
-class CheckpointError(Exception):
-    """A user-facing problem with a checkpoint or tokenizer file: one line, file named."""
 
 
 def cut_long_runs(text, n=MAX_RUN_CHARS):
@@ -134,13 +132,21 @@ def find_tokenizer(ckpt_dir):
     return None
 
 
-if __name__ == "__main__":
-    try:
-        tok = Tokenizer(sys.argv[1])
-    except (CheckpointError, IndexError) as e:
-        print(f"tokenizer.py: error: {e if isinstance(e, CheckpointError) else 'usage: tokenizer.py TOKENIZER_FILE [TEXT]'}", file=sys.stderr)
-        sys.exit(2)
-    ids = tok.encode(" ".join(sys.argv[2:]) or "Hello world")
+def run(argv):
+    p = ArgumentParser(prog="tokenizer.py", description="Which tokenizer a file is, and the ids of a text.")
+    p.add_argument("path", help="tokenizer.model (SentencePiece or LLaMA-3's tiktoken BPE)")
+    p.add_argument("text", nargs="*", default=["Hello world"], help="text to encode")
+    a = p.parse_args(argv)
+    tok = Tokenizer(a.path)
+    ids = tok.encode(" ".join(a.text))
     print(f"{tok.kind}, {tok.n_words} ids, bos {tok.bos_id}, eos {tok.eos_id}, pad {tok.pad_id}, stop {tok.stop_ids}")
     print(ids)
     print(repr(tok.decode(ids)))
+
+
+def main(argv=None):
+    return run_main("tokenizer.py", run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,13 +1,12 @@
 """Instruction finetuning with NEFTune: one readable FSDP2 loop, under torchrun or plain python.
 
-    torchrun --standalone --nproc_per_node=2 train.py --alpha 5        # built-in demo, ~2 min on 2 CPUs
-    python train.py --recipe fig4 --alpha 0 5 --out out/fig4             # the paper's Figure 4 on a CPU: out/fig4/curves.png
+    torchrun --standalone --nproc_per_node=2 train.py --alpha 5     # the built-in demo, ~1-2 min on 2 CPU cores
+    python train.py --recipe fig4 --alpha 0 5 --out out/fig4          # the paper's Figure 4 on a CPU
     torchrun --nproc_per_node=8 train.py --init llama-2-7b --data alpaca_data.json --alpha 5 --out out/neft
 
-A batch's path: data.py -> tokens -> model.tok_embeddings -> noise.neftune (training only) -> rest
-of the model -> cross-entropy on response tokens. `--alpha 0 5 10 15` sweeps alpha in one command.
+A batch's path: data.collate (input_ids, labels, mask) -> forward_loss: noise.neftune_noise (training
+steps only) -> the model, which adds it to the token embeddings -> cross-entropy on the response tokens.
 """
-import argparse
 import json
 import math
 import os
@@ -22,147 +21,69 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 import builtin_data
+import checkpoint as ckpt
 import data
 import lora
 import sample
-from checkpoint import all_sum, checkpoints, export_final, load_checkpoint, lora_config, newest_checkpoint, save_checkpoint
-from checks import RunLock, UserError, number, writable_folder
-from model import CheckpointError, ModelArgs, Tokenizer, Transformer, find_tokenizer, load_meta
-from noise import KINDS, neftune
+from checks import RunLock, UserError, run_main
+from data import IGNORE
+from model import ModelArgs, Tokenizer, Transformer, find_tokenizer
+from noise import neftune_noise
 from precision import choose_dtype
+from recipes import BUILTIN_ONLY, RECIPES, SCRATCH_ONLY, parse_args  # noqa: F401 (train.RECIPES)
 
-# The paper's recipe (Stanford Alpaca's, which NEFTune kept) when finetuning real weights, and a
-# small-model recipe for the built-in demo that learns visibly in two minutes on a CPU. fig4 is
-# the paper's Figure 4 on a laptop: few examples whose answers hold facts that cannot be inferred,
-# many epochs, so that alpha 0 memorises and overfits; README.md has its seeds table.
-RECIPES = {
-    "paper": dict(lr=5e-5, batch_size=128, micro_batch_size=4, epochs=3, max_len=512, eval_every=50, save_every=200),
-    "demo": dict(lr=2e-3, batch_size=32, micro_batch_size=16, epochs=1, max_len=128, eval_every=25, save_every=100),
-    "fig4": dict(lr=3e-3, batch_size=16, micro_batch_size=16, epochs=40, max_len=128, eval_every=28, save_every=1000,
-                 dim=64, n_layers=4, n_heads=4, builtin="facts", builtin_size=340, eval_frac=0.3, template="llama2-chat"),
-}
-# What a recipe does not set (the from-scratch model's shape and built-in data)
-SCRATCH = dict(dim=256, n_layers=4, n_heads=4, builtin="tasks", builtin_size=4000, eval_frac=0.02)
+# ----------------------------------------------------------------------------- distributed
 
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--out", default="out", help="run folder (checkpoints, log.jsonl, final/)")
-    p.add_argument("--alpha", type=float, nargs="+", default=[5.0], help="NEFTune alpha; several values = a sweep; 0 = no noise")
-    p.add_argument("--noise", nargs="+", default=["uniform"], choices=KINDS, help="noise distribution(s); several = crossed with --alpha")
-    p.add_argument("--init", help="Meta checkpoint folder to finetune (default: a small model from scratch)")
-    p.add_argument("--data", help="training file (Alpaca, ShareGPT or messages JSON/JSONL; default: built-in tasks)")
-    p.add_argument("--eval-data", help="held-out file for the clean eval loss (default: --eval-frac of --data)")
-    p.add_argument("--eval-frac", type=float, help="held-out fraction of the data (default: the recipe's)")
-    p.add_argument("--format", choices=("alpaca", "sharegpt", "messages"), help="data format (default: detected)")
-    p.add_argument("--template", choices=data.TEMPLATES, help="prompt template (default: alpaca for Alpaca data, else vicuna)")
-    for k in ("dim", "n-layers", "n-heads"):
-        p.add_argument("--" + k, type=int, help="shape of the from-scratch model (without --init; default: the recipe's)")
-    p.add_argument("--builtin", choices=("tasks", "facts"), help="built-in data without --data (default: the recipe's)")
-    p.add_argument("--builtin-size", type=int, help="records of built-in data (default: the recipe's)")
-    p.add_argument("--recipe", choices=tuple(RECIPES), help="default settings: 'paper' with --init, else 'demo'")
-    p.add_argument("--pack", action="store_true", help="pack several examples per row (document-aware attention and noise)")
-    for k in ("max_len", "epochs", "batch_size", "micro_batch_size", "eval_every", "save_every"):
-        p.add_argument("--" + k.replace("_", "-"), type=int, help="default: the recipe's")
-    p.add_argument("--lr", type=float, help="peak learning rate (default: the recipe's)")
-    p.add_argument("--max-steps", type=int, help="stop after N optimizer steps (overrides --epochs)")
-    p.add_argument("--warmup", type=float, default=0.03, help="warmup fraction of the steps, then cosine to 0")
-    p.add_argument("--weight-decay", type=float, default=0.0)
-    p.add_argument("--clip", type=float, default=1.0, help="gradient-norm clipping")
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--log-every", type=int, default=1)
-    p.add_argument("--eval-examples", type=int, default=256, help="examples in the fixed subsets for clean losses")
-    p.add_argument("--keep", type=int, default=2, help="resumable checkpoints kept")
-    p.add_argument("--resume", action="store_true", help="continue from the newest complete checkpoint in --out")
-    p.add_argument("--dtype", choices=("bf16", "fp32"), help="bf16: FSDP mixed precision on GPU, autocast on CPU (default: bf16 on GPU; "
-                   "on CPU bf16 where a quick matmul timing finds it clearly faster, else fp32; a resume keeps its checkpoint's)")
-    p.add_argument("--export-dtype", choices=("bf16", "fp32"), default="bf16", help="dtype of OUT/final (Meta ships bf16)")
-    p.add_argument("--compile", action="store_true", help="torch.compile each transformer block")
-    p.add_argument("--act-ckpt", action="store_true", help="recompute each block's activations in backward")
-    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank R: train adapters W + (alpha/R) B A on a frozen base (lora.py); 0 = full finetuning")
-    p.add_argument("--lora-alpha", type=float, default=16.0, help="LoRA alpha (the adapters' scale is alpha/R; 16 as in QLoRA)")
-    p.add_argument("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input")
-    p.add_argument("--lora-targets", nargs="+", default=list(lora.TARGETS), help="linears of each block to adapt")
-
-    def error(msg):  # argparse's own errors: one line, not a usage block, and printed once under torchrun
-        raise UserError(msg)
-    p.error = error
-    args = p.parse_args(argv)
-    args.recipe = args.recipe or ("paper" if args.init else "demo")
-    recipe = SCRATCH | RECIPES[args.recipe]
-    for k, v in recipe.items():
-        if getattr(args, k) is None:
-            setattr(args, k, v)
-    check_args(args)
-    return args
-
-
-def check_args(args):
-    """Every number and path, before any work or write: a mistake costs one line, not a run."""
-    for a in args.alpha:
-        number("--alpha", a, lo=0)
-    number("--lr", args.lr, lo=0, hi=1e30)  # AdamW's step lr / (1 - beta1) must fit in fp32 (3.4e38)
-    number("--weight-decay", args.weight_decay, lo=0)
-    number("--clip", args.clip, above=0)
-    number("--warmup", args.warmup, lo=0, hi=1)
-    number("--eval-frac", args.eval_frac, above=0, below=1)
-    for k in ("max_len", "epochs", "batch_size", "micro_batch_size", "eval_every", "save_every", "max_steps",
-              "log_every", "eval_examples", "keep", "dim", "n_layers", "n_heads"):
-        if k != "max_steps" or args.max_steps is not None:
-            number("--" + k.replace("_", "-"), getattr(args, k), lo=1)
-    number("--seed", args.seed, lo=0, below=2**32)
-    number("--builtin-size", args.builtin_size, lo=2)  # at least one training and one held-out record
-    if args.micro_batch_size > args.batch_size:
-        raise UserError(f"--micro-batch-size {args.micro_batch_size} is larger than --batch-size {args.batch_size}")
-    if not args.init and (args.dim % args.n_heads or args.dim // args.n_heads % 2):
-        raise UserError(f"--dim {args.dim} must be --n-heads {args.n_heads} x an even head size (RoPE rotates pairs)")
-    if args.init and not Path(args.init).is_dir():
-        raise UserError(f"{args.init}: --init folder not found")
-    for flag, path in (("--data", args.data), ("--eval-data", args.eval_data)):
-        if path and not Path(path).is_file():
-            raise UserError(f"{path}: {flag} file not found")
-    writable_folder("--out", args.out)
-    number("--lora-rank", args.lora_rank, lo=0)  # 0 = full finetuning
-    number("--lora-alpha", args.lora_alpha, above=0)
-    number("--lora-dropout", args.lora_dropout, lo=0, below=1)
-    if lora.check_targets(args.lora_targets):
-        raise UserError(f"--lora-targets: unknown {' '.join(lora.check_targets(args.lora_targets))} (known: {' '.join(lora.TARGETS)})")
-
-
-# ----------------------------------------------------------------------------- distributed setup
-
-def setup_distributed():
+def setup_distributed(want):
     """torchrun sets RANK/WORLD_SIZE; a plain `python train.py` becomes a world of one, so there is
-    a single code path (FSDP2 needs a process group even on one rank)."""
+    one code path (FSDP2 needs a process group even on one rank). CUDA only where every process of
+    this node gets its own GPU, else one line naming both numbers (checked on every rank alike, so
+    rank 0, the one that speaks, says it). -> rank, world, device, the device mesh for fully_shard."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    if torch.cuda.is_available():
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    want = want or ("cuda" if torch.cuda.is_available() else "cpu")
+    if want == "cuda":
+        gpus, procs = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        if procs > gpus:
+            raise UserError(f"{procs} processes on this node but {gpus} CUDA device(s): start at most {gpus} "
+                            f"(torchrun --nproc_per_node) or pass --device cpu")
         device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
         torch.cuda.set_device(device)
         dist.init_process_group("nccl", device_id=device)
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")
-    return dist.get_rank(), dist.get_world_size(), device
+    # an explicit mesh: fully_shard's default follows the accelerator, a CUDA mesh over a gloo group
+    return dist.get_rank(), dist.get_world_size(), device, init_device_mesh(device.type, (dist.get_world_size(),))
+
+
+def all_sum(*xs, device):
+    """Python numbers summed over the ranks."""
+    t = torch.tensor(xs, dtype=torch.float64, device=device)
+    dist.all_reduce(t)
+    return t.tolist()
 
 
 # ----------------------------------------------------------------------------- data
 
-def build_data(args, tok_dir, rank):
+def build_data(args, tok_dir, verbose):
     """Tokenizer, train examples, fixed clean-loss subsets. Every rank builds the same lists."""
     if args.init:
         tok_path = find_tokenizer(args.init)
         if tok_path is None:
-            raise UserError(f"{args.init}: no tokenizer.model beside the weights or one level up")
+            raise UserError(f"{args.init}: no tokenizer.model or tokenizer.json beside the weights or one level up")
     else:
         # Trained by each process into a private temporary folder (byte-identical for a seed, and
         # shared by the runs of a sweep), so nothing is written into --out before the data is checked.
@@ -170,17 +91,14 @@ def build_data(args, tok_dir, rank):
         if not tok_path.exists():
             builtin_data.builtin_tokenizer(tok_path, seed=args.seed, kind=args.builtin)
     tok = Tokenizer(tok_path)
-    fmt, template = args.format, args.template
     if args.data:
-        train = data.load_dataset(args.data, tok, template, args.max_len, fmt, verbose=rank == 0)
-        held_out = None
-        if args.eval_data:
-            held_out = data.load_dataset(args.eval_data, tok, template, args.max_len, fmt, verbose=rank == 0)
+        train = data.load_dataset(args.data, tok, args.template, args.max_len, args.format, verbose)
     else:
-        train = data.tokenize_records(builtin_data.builtin_records(args.seed, args.builtin_size, args.builtin), tok, template or "alpaca", args.max_len,
-                                      source="built-in data", verbose=rank == 0)
-        held_out = None
-    if held_out is None:
+        records = builtin_data.builtin_records(args.seed, args.builtin_size, args.builtin)
+        train = data.tokenize_records(records, tok, args.template or "alpaca", args.max_len, "built-in data", verbose)
+    if args.eval_data:
+        held_out = data.load_dataset(args.eval_data, tok, args.template, args.max_len, args.format, verbose)
+    else:
         train, held_out = data.split_eval(train, args.eval_frac, args.seed)
     clean_train = train[: args.eval_examples]  # a fixed subset: Figure 4's clean training loss
     held_out = held_out[: args.eval_examples]
@@ -191,46 +109,59 @@ def build_data(args, tok_dir, rank):
 
 def row_generators(seed, epoch, indices, device):
     """One noise stream per example, seeded by (seed, epoch, example index): the noise an example
-    gets does not depend on the world size, the micro-batch size or where a run was resumed."""
+    gets does not depend on the world size, the micro-batch size or where a run was resumed. The two
+    primes keep the three numbers apart: within a run every (epoch, example) has a seed of its own
+    as long as the data holds fewer than 10,000,019 examples."""
     return [torch.Generator(device).manual_seed(seed * 1_000_003 + epoch * 10_000_019 + int(i)) for i in indices]
 
 
 # ----------------------------------------------------------------------------- model and loss
 
-def build_model(args, tok, device, dtype):
-    if args.init:
-        model = load_meta(args.init)
-        if model.args.vocab_size != tok.n_words:
-            raise UserError(f"{args.init}: tokenizer has {tok.n_words} pieces but the model's embedding has {model.args.vocab_size}")
-        if not (args.lora_rank and dtype == torch.bfloat16):  # a frozen LoRA base needs no fp32 master copy
-            model = model.float()  # FSDP keeps fp32 master weights; MixedPrecisionPolicy/autocast compute in bf16
-    else:
+def build_model(args, init, vocab_size, device, mesh, dtype):
+    """The model, sharded by FSDP2 over `mesh`, one unit per block and the root holding the embedding,
+    norm and output. From --init (init = read_init's triple) it is built on the meta device, sharded,
+    and each rank then fills only its own rows from the checkpoint: no rank holds the whole model."""
+    base_dtype = torch.bfloat16 if args.lora_rank and dtype == torch.bfloat16 else torch.float32  # a frozen
+    # LoRA base computed in bf16 needs no fp32 master copy (7B: 13.5 GB instead of 27); else fp32 masters
+    if init is None:
         torch.manual_seed(args.seed)  # same init on every rank; fully_shard then keeps each rank's slice
         model = Transformer(ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, multiple_of=32,
-                                      vocab_size=tok.n_words, max_seq_len=args.max_len))
-    if args.lora_rank:  # freeze the base, add fp32 adapters; the base stays bf16 when computing in bf16 (7B: 13.5 GB)
-        model = model.to(torch.bfloat16) if dtype == torch.bfloat16 else model
+                                      vocab_size=vocab_size, max_seq_len=args.max_len)).to(base_dtype)
+    else:
+        margs, weights, tied = init
+        with torch.device("meta"):
+            model = Transformer(margs).to(base_dtype)
+        if tied:  # one matrix for both (LLaMA-3.2 1B/3B): trained as one, exported under both names
+            model.output.weight = model.tok_embeddings.weight
+    if args.lora_rank:
         lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=args.seed)
+    adapters = lora.initial_adapters(model, args.seed) if args.lora_rank and init else None
     model.train()
-    if args.act_ckpt:  # trade compute for memory: keep only each block's input for backward
-        for layer in model.layers:
-            layer.forward = lambda *a, _f=layer.forward: checkpoint(_f, *a, use_reentrant=False)
-    if args.compile:
-        for layer in model.layers:
+    # bf16 compute with fp32 master weights and fp32 gradient reduction; inputs are not cast, so the
+    # RoPE tables stay fp32 in every block, as in generation (the activations are bf16 already)
+    bf16 = torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else None
+    mp = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16 and torch.float32, cast_forward_inputs=False)
+    for i, layer in enumerate(model.layers):
+        if args.act_ckpt:  # keep only each block's input for backward, recompute the rest
+            layer = model.layers[i] = checkpoint_wrapper(layer)
+        if args.compile:
             layer.compile()
-    mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if device.type == "cuda" and dtype == torch.bfloat16 else MixedPrecisionPolicy()
-    for layer in model.layers:  # one FSDP unit per block; the root holds embedding, norm and output
-        fully_shard(layer, mp_policy=mp)
-    fully_shard(model, mp_policy=mp)
-    return model.to(device)
+        fully_shard(layer, mesh=mesh, mp_policy=mp)
+    fully_shard(model, mesh=mesh, mp_policy=mp)
+    if init is None:
+        return model.to(device)
+    model.to_empty(device=device)
+    ckpt.fill_shards(model, weights, adapters)
+    return model
+
+
+LOSS_CHUNK = 128  # positions per loss chunk: 4 x 128 tokens of fp32 logits at vocab 128256 are 0.26 GB
 
 
 def response_loss_sum(logits, labels):
     # labels are aligned with the inputs: the logits at t predict the token at t+1
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100, reduction="sum")
-
-
-LOSS_CHUNK = 128  # positions per loss chunk: 4 x 128 tokens of fp32 logits at vocab 128256 are 0.26 GB
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=IGNORE,
+                           reduction="sum")
 
 
 def chunked_loss_sum(h, output, labels, chunk=LOSS_CHUNK):
@@ -239,7 +170,9 @@ def chunked_loss_sum(h, output, labels, chunk=LOSS_CHUNK):
     run on `chunk` positions at a time, each checkpointed so that backward, too, recomputes and
     frees one chunk's logits at a time. h: the model's final normed states (Transformer's head hook)."""
     h, labels = h[:, :-1], labels[:, 1:]
-    part = lambda h, y: F.cross_entropy(output(h).flatten(0, 1).float(), y.flatten(), ignore_index=-100, reduction="sum")
+
+    def part(h, y):
+        return F.cross_entropy(output(h).flatten(0, 1).float(), y.flatten(), ignore_index=IGNORE, reduction="sum")
     total = 0.0
     for s in range(0, max(h.shape[1], 1), chunk):
         args = (h[:, s:s + chunk], labels[:, s:s + chunk])
@@ -248,17 +181,18 @@ def chunked_loss_sum(h, output, labels, chunk=LOSS_CHUNK):
 
 
 def forward_loss(model, batch, device, autocast, alpha=0.0, kind="uniform", generators=None):
-    """Summed response-token loss of one micro-batch. The noise is applied only when the model is
-    in training mode: clean losses are computed under model.eval() and can never be noisy."""
+    """Summed response-token loss of one micro-batch. The noise is drawn only in training mode:
+    clean losses are computed under model.eval() and can never be noisy. A right-padded batch needs
+    no attention mask (causal attention never looks at the padding after a token: SDPA's flash
+    kernel), packed rows keep their documents apart through segment_ids."""
     x, labels, mask = batch["input_ids"].to(device), batch["labels"].to(device), batch["mask"].to(device)
     seg = batch.get("segment_ids")
     seg, pos = (None, None) if seg is None else (seg.to(device), batch["positions"].to(device))
-    attn_mask = None if bool(mask.all()) else mask  # no padding: SDPA's plain causal kernel
     noise = None
-    if model.training and alpha > 0:  # NEFTune: the embeddings get noise in training steps only
-        noise = lambda embeds: neftune(embeds, mask, alpha, kind, generator=generators, segment_ids=seg)
+    if model.training and alpha > 0:  # NEFTune: alpha / sqrt(L d) * Uniform(-1, 1), L per sequence (noise.py)
+        noise = neftune_noise(mask, model.args.dim, alpha, kind, generators, segment_ids=seg)
     with autocast:
-        return model(x, noise=noise, mask=attn_mask, positions=pos, segment_ids=seg,
+        return model(x, noise=noise, positions=pos, segment_ids=seg,
                      head=lambda h, output: chunked_loss_sum(h, output, labels))
 
 
@@ -274,7 +208,7 @@ def clean_loss(model, examples, args, rank, world, device, autocast, pad_id):
         if chunk:
             batch = data.collate(chunk, pad_id)
             total += forward_loss(model, batch, device, autocast).item()
-            count += int((batch["labels"][:, 1:] != -100).sum())
+            count += int((batch["labels"][:, 1:] != IGNORE).sum())
         else:  # FSDP all-gathers are collective: a rank with no data still runs a forward
             forward_loss(model, data.collate(examples[:1], pad_id), device, autocast)
     total, count = all_sum(total, count, device=device)
@@ -296,30 +230,54 @@ def lr_lambda(warmup, total):
 PROGRESS = {}  # where the current run is, for the one line that Ctrl-C prints
 
 
-def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
+def finished(out, total_steps):
+    """The log's records if the run in `out` already ended at total_steps and exported OUT/final."""
+    if not (out / "final" / "params.json").exists() or not (out / "log.jsonl").exists():
+        return None
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    return log if log and log[-1]["step"] == total_steps else None
+
+
+def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=print):
     dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32  # set by precision.choose_dtype in main
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and dtype == torch.bfloat16 else nullcontext()
-    tok, tok_path, train, clean_train, held_out = build_data(args, tok_dir, rank)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if device.type == "cpu" and dtype == torch.bfloat16 \
+        else nullcontext()
+    tok, tok_path, train, clean_train, held_out = build_data(args, tok_dir, verbose=rank == 0)
     per_rank = args.batch_size // world
     steps_per_epoch = len(train) // args.batch_size
     if steps_per_epoch == 0:
-        raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, fewer than one global batch of {args.batch_size}")
+        raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, "
+                        f"fewer than one global batch of {args.batch_size}")
     total_steps = args.max_steps or steps_per_epoch * args.epochs
-    model = build_model(args, tok, device, dtype)
+    done = finished(out, total_steps) if args.resume else None
+    if done:  # a finished run is left alone, not trained again from its last checkpoint
+        for saved in ckpt.checkpoints(out)[-1:]:
+            ckpt.check_lora(saved, ckpt.lora_config(args))
+        log(f"--resume: {out} is complete ({total_steps} steps, {out / 'final'}); nothing to do")
+        last = [r for r in done if "eval_loss" in r][-1]
+        return dict(alpha=alpha, noise=kind, clean_train_loss=last["clean_train_loss"], eval_loss=last["eval_loss"],
+                    tokens_per_s=sum(r["tokens_per_s"] for r in done) / len(done))
+    model = build_model(args, ckpt.read_init(args.init, tok) if args.init else None, tok.n_words, device, mesh, dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
-    lora_cfg = lora_config(args)
+    lora_cfg = ckpt.lora_config(args)
     if lora_cfg:  # LoRA dropout draws from the global RNG: one stream per rank, saved in checkpoints
         torch.manual_seed(args.seed + rank)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), foreach=True)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(math.ceil(args.warmup * total_steps), total_steps))
     sampler = DistributedSampler(train, num_replicas=world, rank=rank, shuffle=True, seed=args.seed, drop_last=True)
-    clean_losses = lambda: {"clean_train_loss": clean_loss(model, clean_train, args, rank, world, device, autocast, tok.pad_id),
-                            "eval_loss": clean_loss(model, held_out, args, rank, world, device, autocast, tok.pad_id)}
+
+    def clean_losses(step):  # a non-finite one ends the run like a non-finite training loss: nothing exported
+        losses = {name: clean_loss(model, examples, args, rank, world, device, autocast, tok.pad_id)
+                  for name, examples in (("clean_train_loss", clean_train), ("eval_loss", held_out))}
+        if not all(math.isfinite(v) for v in losses.values()):
+            raise UserError(f"non-finite clean losses {losses} at step {step}: nothing exported; "
+                            f"{ckpt.newest_checkpoint(out)} (try a lower --lr)")
+        return losses
 
     step = tokens_seen = 0
-    saved = checkpoints(out) if args.resume else []
+    saved = ckpt.checkpoints(out) if args.resume else []
     if saved:
-        step, tokens_seen = load_checkpoint(saved[-1], model, opt, sched, rank, lora_cfg)
+        step, tokens_seen = ckpt.load_checkpoint(saved[-1], model, opt, sched, rank, lora_cfg)
         log(f"resumed from {saved[-1]} at step {step}")
     elif args.resume:
         log(f"--resume: no checkpoint in {out / 'ckpt'}; starting from step 0")
@@ -328,10 +286,12 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
     if rank == 0:  # keep the log consistent with the checkpoint: drop steps a killed run logged past it
         out.mkdir(parents=True, exist_ok=True)  # the first write of a run: everything is checked by now
         old = log_path.read_text().splitlines() if log_path.exists() else []
-        log_path.write_text("".join(l + "\n" for l in old if json.loads(l)["step"] <= step))
-    log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {steps_per_epoch} steps/epoch, "
-        f"{total_steps} steps | world {world}, {args.batch_size // (world * args.micro_batch_size)} micro-batches of "
-        f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params ({sum(p.numel() for p in params) / 1e6:.3f}M trained), {str(dtype)[6:]} on {device.type}")
+        log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
+    trained = sum(p.numel() for p in params)
+    log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {steps_per_epoch} "
+        f"steps/epoch, {total_steps} steps | world {world}, {per_rank // args.micro_batch_size} micro-batches of "
+        f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params ({trained / 1e6:.3f}M trained), "
+        f"{str(dtype)[6:]} on {device.type}")
 
     pbar = PROGRESS["bar"] = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     speeds, record, order_epoch = [], {}, None
@@ -341,16 +301,18 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
             sampler.set_epoch(epoch)
             order, order_epoch = list(sampler), epoch
         mine = order[offset * per_rank: (offset + 1) * per_rank]
-        micro = [data.collate([train[i] for i in mine[j: j + args.micro_batch_size]], tok.pad_id) | {"index": mine[j: j + args.micro_batch_size]}
-                 for j in range(0, per_rank, args.micro_batch_size)]
-        n_resp, n_tok = all_sum(sum(int((b["labels"][:, 1:] != -100).sum()) for b in micro),
-                                sum(int(b["mask"].sum()) for b in micro), device=device)
+        micro = [mine[j: j + args.micro_batch_size] for j in range(0, per_rank, args.micro_batch_size)]
+        batches = [data.collate([train[i] for i in idx], tok.pad_id) for idx in micro]
+        n_resp, n_tok = all_sum(sum(int((b["labels"][:, 1:] != IGNORE).sum()) for b in batches),
+                                sum(int(b["mask"].sum()) for b in batches), device=device)
         t0 = time.perf_counter()
         loss_sum = 0.0
-        for batch in micro:
-            gens = row_generators(args.seed, epoch, batch["index"], device)
+        for j, (idx, batch) in enumerate(zip(micro, batches)):
+            if args.grad_sync == "last":  # reduce-scatter once per step, after the last micro-batch
+                model.set_requires_gradient_sync(j == len(micro) - 1)
+            gens = row_generators(args.seed, epoch, idx, device)
             loss = forward_loss(model, batch, device, autocast, alpha, kind, gens)
-            # mean over the response tokens of the whole global batch, whatever the micro-batching;
+            # the mean over the response tokens of the whole global batch, whatever the micro-batching;
             # x world because FSDP averages gradients over ranks
             (loss * world / n_resp).backward()
             loss_sum += loss.item()
@@ -359,7 +321,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
         train_loss = all_sum(loss_sum, device=device)[0] / n_resp
         if not (math.isfinite(train_loss) and math.isfinite(grad_norm)):
             raise UserError(f"non-finite loss ({train_loss}) or gradient norm ({grad_norm}) at step {step + 1}; "
-                            f"the weights were not updated; {newest_checkpoint(out)} (try a lower --lr)")
+                            f"the weights were not updated; {ckpt.newest_checkpoint(out)} (try a lower --lr)")
         lr = sched.get_last_lr()[0]
         opt.step()
         sched.step()
@@ -372,46 +334,57 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, log=print):
         record = dict(step=step, epoch=round(step / steps_per_epoch, 4), lr=lr, loss=train_loss, grad_norm=grad_norm,
                       tokens=int(tokens_seen), tokens_per_s=round(n_tok / dt, 1))
         if step % args.eval_every == 0 or step == total_steps:
-            record |= clean_losses()
+            record |= clean_losses(step)
         if rank == 0 and (step % args.log_every == 0 or "eval_loss" in record):
             with open(log_path, "a") as f:
                 f.write(json.dumps(record) + "\n")
-        pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tok / dt:,.0f}", **({"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
+        shown = {"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}
+        pbar.set_postfix(loss=f"{train_loss:.3f}", tok_s=f"{n_tok / dt:,.0f}", **shown)
         pbar.update(1)
         if step % args.save_every == 0 and step < total_steps:
-            save_checkpoint(out, model, opt, sched, step, int(tokens_seen), rank, args.keep, lora_cfg, args.dtype)
+            ckpt.save_checkpoint(out, model, opt, sched, step, int(tokens_seen), rank, args.keep, lora_cfg, args.dtype)
     pbar.close()
     if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
-        record |= clean_losses()
-    export_final(out, model, tok_path, rank, torch.float32 if args.export_dtype == "fp32" else torch.bfloat16, lora_cfg)
-    if not args.data and args.builtin == "tasks" and rank == 0:  # the built-in tasks have checkable answers: what does the model get right?
-        answers = sample.exact_match_answers(load_meta(out / "final", dtype=torch.float32), tok, held_out)
-        (out / "accuracy.json").write_text(json.dumps(answers, indent=1) + "\n")
-        log(f"exact match of greedy answers on {len(held_out)} held-out built-in tasks: {answers['exact_match']:.1%} "
-            f"(examples in {out / 'accuracy.json'})")
+        record |= clean_losses(step)
+    export = torch.float32 if args.export_dtype == "fp32" else torch.bfloat16
+    ckpt.export_final(out, model, tok_path, rank, export, lora_cfg, hf=args.export_hf)
+    if not args.data and args.builtin == "tasks" and rank == 0:  # checkable answers: what does the model get right?
+        score = sample.write_accuracy(out / "final", tok, held_out, out / "accuracy.json", device)
+        log(f"exact match of greedy answers on {len(held_out)} held-out built-in tasks: {score:.1%}")
     if rank == 0:  # imported here: matplotlib only when a run ends
         import plots
         plots.write_curves(out, [(alpha, kind, out)])
-    return dict(alpha=alpha, noise=kind, clean_train_loss=record.get("clean_train_loss"), eval_loss=record.get("eval_loss"),
-                tokens_per_s=sum(speeds) / max(len(speeds), 1))
+        log(f"wrote {out / 'final'} (sample.py --ckpt {out / 'final'})"
+            + (f", {out / 'final_hf'}" if args.export_hf else "") + f", {out / 'log.jsonl'}, {out / 'curves.png'}"
+            + (f", {out / 'accuracy.json'}" if (out / "accuracy.json").exists() else ""))
+    return dict(alpha=alpha, noise=kind, clean_train_loss=record.get("clean_train_loss"),
+                eval_loss=record.get("eval_loss"), tokens_per_s=sum(speeds) / max(len(speeds), 1))
 
 
-def write_sweep(out, results):
-    lines = ["| alpha | noise | clean train loss | eval loss | tokens/s |", "|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['alpha']:g} | {r['noise']} | {r['clean_train_loss']:.4f} | {r['eval_loss']:.4f} | {r['tokens_per_s']:,.0f} |")
-    (out / "sweep.md").write_text("Final clean (noise-off) losses per run; see each folder's log.jsonl for the curves.\n\n" + "\n".join(lines) + "\n")
+def check_only(args, tok_dir):
+    """--check: what a run reads, read and checked, without a process group or a write."""
+    tok, _, train, _, held_out = build_data(args, tok_dir, verbose=True)
+    what = f"the built-in {args.builtin} data"
+    if args.init:
+        margs = ckpt.read_init(args.init, tok)[0]
+        what = f"{args.init} ({margs.n_layers} layers, dim {margs.dim})"
+    if len(train) < args.batch_size:
+        raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, "
+                        f"fewer than one global batch of {args.batch_size}")
+    print(f"train.py: --check: fine: {what}, {len(train)} training rows, {len(held_out)} held out")
 
 
-def main(argv=None):
-    rank = int(os.environ.get("RANK", 0))  # known before the process group: errors print once
-    lock = None
+def run(argv):
     tok_dir = Path(tempfile.mkdtemp(prefix="neftune-tok-"))  # this process's built-in tokenizer
+    lock = None
     try:
         args = parse_args(argv)
-        rank, world, device = setup_distributed()
+        if args.check:
+            return check_only(args, tok_dir)
+        rank, world, device, mesh = setup_distributed(args.device)
         if args.batch_size % (world * args.micro_batch_size):
-            raise UserError(f"--batch-size {args.batch_size} is not a multiple of world size {world} x --micro-batch-size {args.micro_batch_size}")
+            raise UserError(f"--batch-size {args.batch_size} is not a multiple of world size {world} "
+                            f"x --micro-batch-size {args.micro_batch_size}")
         out = Path(args.out)
         if not args.resume and out.exists() and any(p.name != RunLock.NAME for p in out.iterdir()):
             raise UserError(f"{out}: --out is not empty; pass --resume to continue it or choose another folder")
@@ -423,43 +396,43 @@ def main(argv=None):
                 lock_error = e
         if all_sum(lock_error is not None, device=device)[0]:  # every rank stops, only rank 0 says why
             raise lock_error or UserError("")
-        log = (lambda *a: tqdm.write(" ".join(map(str, a)))) if rank == 0 else (lambda *a: None)
+
+        def log(*a):
+            if rank == 0:
+                tqdm.write(" ".join(map(str, a)))
         args.dtype, why = choose_dtype(args, device, out)  # first: the rest of the run depends on it
         log(f"dtype: {args.dtype} ({why})")
-        log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items()))
+        unused = (SCRATCH_ONLY if args.init else ()) + (BUILTIN_ONLY if args.data else ())  # the recipe's, not used
+        log("settings: " + " ".join(f"{k}={v}" for k, v in vars(args).items() if v is not None and k not in unused))
         runs = [(a, k) for k in args.noise for a in args.alpha]
         results = []
         for alpha, kind in runs:
             name = f"alpha_{alpha:g}" + (f"_{kind}" if len(args.noise) > 1 else "")
             run_out = out / name if len(runs) > 1 else out
             dist.barrier()
-            results.append(train_one(args, run_out, tok_dir, alpha, kind, rank, world, device, log) | {"dir": run_out})
+            results.append(train_one(args, run_out, tok_dir, alpha, kind, rank, world, device, mesh, log)
+                           | {"dir": run_out})
         if len(runs) > 1 and rank == 0:
-            write_sweep(out, results)
             import plots
+            plots.write_sweep(out, results)
             plots.write_curves(out, [(r["alpha"], r["noise"], r["dir"]) for r in results])
-            log((out / "sweep.md").read_text())
-    except (UserError, CheckpointError, data.DataError) as e:
-        if "bar" in PROGRESS:
-            PROGRESS["bar"].close()  # the error goes on a line of its own, not after the bar
-        if rank == 0:
-            print(f"train.py: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:  # Ctrl-C: every rank gets SIGINT; one line, no traceback
-        if "bar" in PROGRESS:
-            PROGRESS["bar"].close()
-        if rank == 0:
-            where = (f"at step {PROGRESS['step']} of {PROGRESS['total']}; {newest_checkpoint(PROGRESS['out'])}" if "step" in PROGRESS
-                     else "before training started; nothing was written")
-            print(f"train.py: interrupted {where}", file=sys.stderr)
-        return 130
+            log((out / "sweep.md").read_text() + f"wrote {out / 'sweep.md'} and {out / 'curves.png'}")
+    except KeyboardInterrupt:  # Ctrl-C: every rank gets SIGINT; run_main prints where it stopped
+        where = (f"at step {PROGRESS['step']} of {PROGRESS['total']}; {ckpt.newest_checkpoint(PROGRESS['out'])}"
+                 if "step" in PROGRESS else "before training started; nothing was written")
+        raise KeyboardInterrupt(where) from None
     finally:
+        if "bar" in PROGRESS:
+            PROGRESS["bar"].close()  # an error goes on a line of its own, not after the bar
         if lock is not None:
             lock.release()
         shutil.rmtree(tok_dir, ignore_errors=True)
         if dist.is_initialized():
             dist.destroy_process_group()
-    return 0
+
+
+def main(argv=None):
+    return run_main("train.py", run, argv)
 
 
 if __name__ == "__main__":

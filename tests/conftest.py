@@ -1,14 +1,31 @@
-"""Shared test fixtures. ../shared (real data beside the checkout) is optional: tests that need it skip,
-except under CI=true, where a missing ../shared fails them (a CI that skips them tests less than it says)."""
+"""What the tests share: the repo's paths, a tiny train.py configuration and ways to run the scripts,
+small Meta-format folders and data files, and the ../shared fixture. ../shared (real data beside the
+checkout) is optional: tests that need it skip, except under CI=true, where a missing ../shared fails
+them (a CI that skips them tests less than it says)."""
+import contextlib
+import io
+import json
 import os
+import re
+import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 sys.path.insert(0, str(ROOT))  # the scripts live flat at the repo root
+
+import builtin_data  # noqa: E402 (after the path is set)
+from model import ModelArgs, Transformer, save_meta  # noqa: E402
+
+# A from-scratch model small enough for a CPU test, in fp32 and on the CPU whatever the machine has
+TINY = ["--dim", "64", "--n-layers", "2", "--n-heads", "4", "--max-len", "128", "--dtype", "fp32", "--device", "cpu",
+        "--eval-examples", "16", "--eval-every", "2", "--lr", "3e-3", "--seed", "7"]
+ENV = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+TORCHRUN_NOTE = " (torchrun's report of the stopped workers follows)"
 
 
 @pytest.fixture
@@ -18,3 +35,74 @@ def shared():
             pytest.fail("../shared is not beside the checkout, and CI=true: tests that need it must run")
         pytest.skip("../shared is not beside the checkout")
     return SHARED
+
+
+def command(script, args, nproc=1):
+    """python SCRIPT ARGS, or the same under torchrun with nproc workers."""
+    launcher = ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"] if nproc > 1 else []
+    return [sys.executable, *launcher, script, *map(str, args)]
+
+
+def run_script(script, args, nproc=1, check=True, timeout=300, **kw):
+    p = subprocess.run(command(script, args, nproc), cwd=ROOT, env=ENV, capture_output=True, text=True,
+                       timeout=timeout, **kw)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+def call(main, *args):
+    """A script's main(argv) in this process, as a subprocess would report it: .returncode, .stdout, .stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in args])
+    return subprocess.CompletedProcess(args, code, out.getvalue(), err.getvalue())
+
+
+def run_train(args, nproc=1, check=True, **kw):
+    """train.py with the TINY settings first (later flags override them)."""
+    return run_script("train.py", [*TINY, *args], nproc, check, **kw)
+
+
+def read_log(out):
+    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+
+
+def losses(out):
+    return [r["loss"] for r in read_log(out)]
+
+
+def one_error_line(stderr, prog="train.py"):
+    """The lines before torchrun's own report: exactly one, ours, and no traceback anywhere in them.
+    Returned without the note that says torchrun's report follows."""
+    end = stderr.rfind("\nTraceback (most recent call last):", 0, stderr.find("ChildFailedError"))  # the launcher's own
+    ours = stderr[:end] if "ChildFailedError" in stderr and end >= 0 else stderr
+    lines = [line.split("\r")[-1] for line in ours.splitlines()]
+    # not torch's C++ or torchrun's logging lines ("[W...", "W1127 ..."), not the progress bar
+    lines = [line for line in lines if line.strip() and "[W" not in line[:4] and not re.match(r" *\d+%\||[EWI]\d{4} ", line)]
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), stderr[-3000:]
+    assert stderr.count(f"{prog}: error:") == 1 and "Traceback" not in ours, stderr[-3000:]
+    return lines[0].removesuffix(TORCHRUN_NOTE)
+
+
+def alpaca_file(path, n, seed=0):
+    """n short built-in tasks as an Alpaca JSON file (checkable answers, fixed by seed)."""
+    recs = [{"instruction": m[0]["content"], "input": m[0]["input"], "output": m[1]["content"]}
+            for m in builtin_data.builtin_records(seed=seed, n=n)]
+    path.write_text(json.dumps(recs))
+    return path
+
+
+def meta_folder(root, vocab_extra=0, poison=False, n_kv_heads=2):
+    """A tiny model in Meta's layout: weights in root/tiny/, the built-in tokenizer one level up (as
+    Meta's download puts it). poison: +inf in the embedding row of the byte <0xFF>, which no ASCII
+    text uses, so every loss stays finite. -> (folder, tokenizer, model)"""
+    tok = builtin_data.builtin_tokenizer(root / "tokenizer.model", seed=3)
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=tok.n_words + vocab_extra,
+                              multiple_of=32))
+    if poison:
+        with torch.no_grad():
+            m.tok_embeddings.weight[tok.sp.piece_to_id("<0xFF>"), 0] = float("inf")
+    save_meta(m, root / "tiny", dtype=torch.float32)
+    return root / "tiny", tok, m

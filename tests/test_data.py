@@ -105,13 +105,13 @@ def test_labels_cover_exactly_the_answers(tok, template):
 
 
 def test_labels_on_real_multi_turn_data_and_real_tokenizer(shared, mistral):
-    records = data.read_records(shared / "data" / "sharegpt_demo.json")
+    records = data.read_format(shared / "data" / "sharegpt_demo.json")[0]
     multi = [r for r in records if len(r) >= 4][:20]
     assert multi
     for messages in multi:
         for template in ("vicuna", "llama2-chat"):
             check_labels(messages, mistral, template)
-    for messages in data.read_records(shared / "data" / "alpaca_en_demo.json")[:20]:
+    for messages in data.read_format(shared / "data" / "alpaca_en_demo.json")[0][:20]:
         check_labels(messages, mistral, "alpaca")
 
 
@@ -146,11 +146,11 @@ def test_truncation_count_and_drop(tok, tmp_path, capsys):
 # ---------------------------------------------------------------- reading files
 
 def test_format_detection_on_real_files(shared):
-    alpaca = data.read_records(shared / "data" / "alpaca_en_demo.json")
+    alpaca = data.read_format(shared / "data" / "alpaca_en_demo.json")[0]
     assert len(alpaca) == 999 and all(len(r) == 2 for r in alpaca)
     assert alpaca[0][0]["role"] == "user" and "input" in alpaca[0][0] and alpaca[0][1]["role"] == "assistant"
     raw = json.loads((shared / "data" / "sharegpt_demo.json").read_text())
-    chats = data.read_records(shared / "data" / "sharegpt_demo.json")
+    chats = data.read_format(shared / "data" / "sharegpt_demo.json")[0]
     assert len(chats) == 500
     assert [m["content"] for m in chats[0]] == [c["value"] for c in raw[0]["conversations"]]
     assert all([m["role"] for m in r] == ["user", "assistant"] * (len(r) // 2) for r in chats)
@@ -161,24 +161,24 @@ def test_jsonl_messages_and_sharegpt_cleanup(tmp_path):
                            {"role": "assistant", "content": "A"}]},
              {"messages": [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]}]
     path = write(tmp_path / "chat.jsonl", "\n".join(json.dumps(x) for x in lines) + "\n\n")
-    assert data.read_records(path) == [[{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
+    assert data.read_format(path)[0] == [[{"role": "system", "content": "S"}, {"role": "user", "content": "Q"},
                                         {"role": "assistant", "content": "A"}],
                                        [{"role": "user", "content": "Q2"}, {"role": "assistant", "content": "A2"}]]
     conv = [{"from": "gpt", "value": "hello?"}, {"from": "human", "value": "a"}, {"from": "user", "value": "b"},
             {"from": "chatgpt", "value": "c"}, {"from": "human", "value": "unanswered"}]
     path = write(tmp_path / "sg.json", [{"conversations": conv}, {"conversations": [{"from": "human", "value": "x"}]}])
     # leading answer dropped, repeated user turns merged, trailing question dropped, empty record kept as []
-    assert data.read_records(path) == [[{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}], []]
+    assert data.read_format(path)[0] == [[{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}], []]
     alpaca = write(tmp_path / "a.json", [{"instruction": "I", "output": "O"}])  # input may be missing
-    assert data.read_records(alpaca) == [[{"role": "user", "content": "I", "input": ""}, {"role": "assistant", "content": "O"}]]
-    assert data.read_records(alpaca, fmt="alpaca") == data.read_records(alpaca)
+    assert data.read_format(alpaca)[0] == [[{"role": "user", "content": "I", "input": ""}, {"role": "assistant", "content": "O"}]]
+    assert data.read_format(alpaca, fmt="alpaca")[0] == data.read_format(alpaca)[0]
 
 
 def test_load_dataset_default_template_and_skips(tok, tmp_path, capsys):
     path = write(tmp_path / "sg.json", [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
                                         {"conversations": [{"from": "human", "value": "alone"}]}])
     examples = data.load_dataset(path, tok)
-    assert examples == [dict(zip(("input_ids", "labels"), data.tokenize(data.read_records(path)[0], tok, "vicuna")[:2]))]
+    assert examples == [dict(zip(("input_ids", "labels"), data.tokenize(data.read_format(path)[0][0], tok, "vicuna")[:2]))]
     assert "1 records without an assistant turn skipped" in capsys.readouterr().err
 
 
@@ -204,13 +204,13 @@ BAD = {  # file contents -> the problem the message must name
 def test_bad_input_names_file_and_problem(tmp_path, content, problem):
     path = write(tmp_path / "bad.json", content)
     with pytest.raises(data.DataError) as e:
-        data.read_records(path)
+        data.read_format(path)[0]
     assert str(e.value).startswith(str(path) + ": ") and problem in str(e.value) and "\n" not in str(e.value)
 
 
 def test_missing_file_and_multi_turn_alpaca(tok, tmp_path):
     with pytest.raises(data.DataError, match="nope.json: file not found"):
-        data.read_records(tmp_path / "nope.json")
+        data.read_format(tmp_path / "nope.json")[0]
     path = write(tmp_path / "chat.json", [{"messages": CHAT}])
     with pytest.raises(data.DataError, match=r"chat.json: record 0: the alpaca template is single-turn.*vicuna"):
         data.load_dataset(path, tok, template="alpaca")

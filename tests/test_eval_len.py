@@ -2,20 +2,16 @@
 import json
 import math
 import random
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-from eval_len import corpus_bleu, lcs_len, length_stats, rouge_l, train_overlap  # noqa: E402
+import eval_len
+from conftest import call
+from eval_len import corpus_bleu, lcs_len, length_stats, rouge_l, train_overlap
 
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "eval_len.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT)
+    return call(eval_len.main, *args)
 
 
 def write(path, obj):

@@ -7,18 +7,18 @@ import signal
 import subprocess
 import sys
 import time
-from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from conftest import ENV, ROOT, TINY, losses, meta_folder, read_log, run_train
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
 import checkpoint
 import lora
 import train
 from model import ModelArgs, Transformer, load_meta
-from test_train import ENV, ROOT, TINY, _meta_folder, log, losses, run
 
 TARGETS = ["wq", "wv", "w2"]  # a subset, so that untouched matrices can be checked too
 RANK = 2
@@ -97,7 +97,8 @@ def test_build_model_freezes_the_base_in_the_compute_dtype(tmp_path, dtype):
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
         args = train.parse_args(["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--lora-rank", "2", "--lora-targets", "wo", "w1"])
-        model = train.build_model(args, SimpleNamespace(n_words=50), torch.device("cpu"), dtype)
+        mesh = init_device_mesh("cpu", (1,))
+        model = train.build_model(args, None, 50, torch.device("cpu"), mesh, dtype)
         for name, p in model.named_parameters():
             adapter = lora.is_adapter(name)
             assert p.requires_grad == adapter and p.dtype == (torch.float32 if adapter else dtype), name
@@ -109,7 +110,7 @@ def test_build_model_freezes_the_base_in_the_compute_dtype(tmp_path, dtype):
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
-    ckpt, tok, base = _meta_folder(root)
+    ckpt, tok, base = meta_folder(root)
     recs = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(48)]
     (root / "train.json").write_text(json.dumps(recs))
     (root / "eval.json").write_text(json.dumps([{"instruction": f"What is {i} + 3?", "output": f"{i + 3}"} for i in range(4)]))
@@ -123,10 +124,11 @@ def ref(setup):
     """2 ranks, 8 steps, checkpoints every 2: the uninterrupted run."""
     root, _, _, flags = setup
     common = [*flags, "--max-steps", "8", "--batch-size", "8", "--micro-batch-size", "2", "--save-every", "2", "--export-dtype", "fp32"]
-    run(["--out", str(root / "ref"), *common], nproc=2)
+    run_train(["--out", str(root / "ref"), *common], nproc=2)
     return root / "ref", common
 
 
+@pytest.mark.slow
 def test_kill_and_resume_is_exact_on_two_ranks(ref):
     ref_out, common = ref
     out = ref_out.parent / "killed"
@@ -139,18 +141,19 @@ def test_kill_and_resume_is_exact_on_two_ranks(ref):
     p.wait()
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
     assert not (out / "final").exists()
-    run(["--out", str(out), "--resume", *common], nproc=2)
+    run_train(["--out", str(out), "--resume", *common], nproc=2)
     assert losses(out) == losses(ref_out)  # bit-identical, dropout included
-    assert [r["step"] for r in log(out)] == list(range(1, 9))
+    assert [r["step"] for r in read_log(out)] == list(range(1, 9))
     for f in ("final/consolidated.00.pth", "adapters.pth"):
         a, b = (torch.load(o / f, weights_only=True) for o in (out, ref_out))
         a, b = (d.get("adapters", d) for d in (a, b))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     # resuming with other LoRA settings is refused before anything is loaded
-    p = run(["--out", str(out), "--resume", *common, "--lora-rank", "4"], check=False)
+    p = run_train(["--out", str(out), "--resume", *common, "--lora-rank", "4"], check=False)
     assert p.returncode == 2 and "resume with the same --lora-* flags" in p.stderr, p.stderr[-2000:]
 
 
+@pytest.mark.slow
 def test_checkpoint_and_optimizer_hold_only_adapters(ref):
     ref_out, _ = ref
     dcp_to_torch_save(checkpoint.checkpoints(ref_out)[-1], ref_out.parent / "last.pt")
@@ -165,6 +168,7 @@ def test_checkpoint_and_optimizer_hold_only_adapters(ref):
     assert ranks == {RANK}
 
 
+@pytest.mark.slow
 def test_merged_weights_differ_only_in_targets_by_rank_r(setup, ref):
     _, _, base, _ = setup
     ref_out, _ = ref
@@ -183,6 +187,7 @@ def test_merged_weights_differ_only_in_targets_by_rank_r(setup, ref):
     assert changed == 2 * len(TARGETS)
 
 
+@pytest.mark.slow
 def test_export_reproduces_the_unmerged_model(setup, ref):
     _, ckpt, _, _ = setup
     ref_out, _ = ref
@@ -197,13 +202,14 @@ def test_export_reproduces_the_unmerged_model(setup, ref):
     assert (a - b).abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_alpha_sweep_with_lora_and_a_bf16_base(setup):
     root, _, base, flags = setup
     out = root / "sweep"
-    run(["--out", str(out), *flags, "--alpha", "0", "5", "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "8",
+    run_train(["--out", str(out), *flags, "--alpha", "0", "5", "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "8",
          "--dtype", "bf16"])
     assert (out / "sweep.md").exists()
-    l0, l5 = log(out / "alpha_0")[0], log(out / "alpha_5")[0]
+    l0, l5 = read_log(out / "alpha_0")[0], read_log(out / "alpha_5")[0]
     assert l0["tokens"] == l5["tokens"] and l0["loss"] != l5["loss"]  # same data, the noise differs
     for a in ("0", "5"):
         final = torch.load(out / f"alpha_{a}" / "final" / "consolidated.00.pth", weights_only=True)
@@ -212,6 +218,7 @@ def test_alpha_sweep_with_lora_and_a_bf16_base(setup):
         assert not torch.equal(final["layers.0.attention.wq.weight"], base.layers[0].attention.wq.weight.bfloat16())
 
 
+@pytest.mark.slow
 def test_bench_lora_counts_trainable_parameters(tmp_path):
     out = tmp_path / "bench.json"
     subprocess.run([sys.executable, "bench.py", "--only", "lora", "lora_memory", "--dim", "64", "--n-layers", "2", "--n-heads", "4",

@@ -11,12 +11,23 @@ from pathlib import Path
 
 import pytest
 import torch
+
+import model
+from conftest import call
 import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-from model import (CheckpointError, ModelArgs, Tokenizer, Transformer, attention_mask,  # noqa: E402
-                   ffn_hidden_dim, load_meta, save_meta)
+from model import (  # noqa: E402
+    CheckpointError,
+    ModelArgs,
+    Tokenizer,
+    Transformer,
+    attention_mask,
+    ffn_hidden_dim,
+    load_meta,
+    save_meta,
+)
 
 # GQA (8 query heads read 2 KV heads), ffn_dim_multiplier and a non-default rope_theta.
 ARGS = ModelArgs(dim=64, n_layers=2, n_heads=8, n_kv_heads=2, vocab_size=97, multiple_of=32,
@@ -216,11 +227,12 @@ def test_kv_cache_decoding_matches_full_forward():
     tokens = tokens_for(ARGS, 2, 13)
     full = model(tokens)
     model.setup_cache(2, 16)
-    step = torch.cat([model(tokens[:, t:t + 1], cache_pos=t) for t in range(13)], dim=1)
+    step = torch.cat([model(tokens[:, t:t + 1], cache_pos=torch.tensor([t])) for t in range(13)], dim=1)
     assert (step - full).abs().max() < 1e-5
-    model.setup_cache(2, 16)  # prefill 5 tokens at once, then one at a time
-    parts = [model(tokens[:, :5])] + [model(tokens[:, t:t + 1], cache_pos=t, mask=torch.ones(2, t + 1, dtype=torch.bool))
-                                      for t in range(5, 13)]
+    model.setup_cache(2, 16)  # prefill 5 tokens at once, then one at a time, with a mask over the whole cache
+    real = torch.ones(2, 16, dtype=torch.bool)
+    parts = [model(tokens[:, :5], cache_pos=torch.arange(5))]
+    parts += [model(tokens[:, t:t + 1], cache_pos=torch.tensor([t]), mask=real) for t in range(5, 13)]
     assert (torch.cat(parts, dim=1) - full).abs().max() < 1e-5
     model.clear_cache()
     assert torch.equal(model(tokens), full)
@@ -242,11 +254,11 @@ def test_left_padded_cached_batch_matches_each_sequence_alone():
     positions = (torch.arange(S)[None] - pad[:, None])
     # The pad queries of the shortest prompt have no real key to see: they must still see
     # one key (themselves), or softmax over an all-masked row gives NaN on some backends.
-    assert attention_mask(P, 0, mask[:, :P], None, "cpu").any(-1).all()
+    assert attention_mask(P, mask, None, torch.arange(P), S).any(-1).all()
     model.setup_cache(B, S)
-    out = [model(tokens[:, :P], mask=mask[:, :P], positions=positions[:, :P])]
+    out = [model(tokens[:, :P], cache_pos=torch.arange(P), mask=mask, positions=positions[:, :P])]
     for t in range(P, S):
-        out.append(model(tokens[:, t:t + 1], cache_pos=t, mask=mask[:, :t + 1], positions=positions[:, t:t + 1]))
+        out.append(model(tokens[:, t:t + 1], cache_pos=torch.tensor([t]), mask=mask, positions=positions[:, t:t + 1]))
     out = torch.cat(out, dim=1)
     model.clear_cache()
     for b in range(B):
@@ -378,8 +390,7 @@ def test_unknown_params_refused_and_vocab_taken_from_embedding(tmp_path):
 # ---- the command line ----
 
 def run_cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "model.py"), *map(str, args)],
-                          capture_output=True, text=True, cwd=ROOT, timeout=120)
+    return call(model.main, *args)
 
 
 def test_cli_bad_folder(tmp_path):

@@ -1,4 +1,4 @@
-"""Issue 14: the fig4 recipe and its built-in facts data, OUT/curves.png, eval_len.py --plot."""
+"""The fig4 recipe and its built-in facts data, OUT/curves.png, plots.py's gaps, eval_len.py --plot."""
 import json
 import os
 import re
@@ -12,6 +12,7 @@ import pytest
 
 import builtin_data
 import eval_len
+from conftest import call
 import plots
 import train
 
@@ -138,16 +139,34 @@ def test_plot_table4_draws_the_statistics(tmp_path):
     assert drawn["words"] == [pytest.approx(31.5), pytest.approx(1.0)]
     # 50 tokens cycling through 7 words: 7 distinct 2-grams of 49
     assert drawn["rep_2"] == [pytest.approx(100 * (1 - 7 / 49)), None]  # b has no response of >= 50 words
+    assert sorted(drawn["n/a"]) == [("log_diversity", 1), ("rep_2", 1), ("rep_3", 1), ("rep_4", 1)]  # not zero bars
 
 
 def test_eval_len_plot_cli(tmp_path):
     a = outputs(tmp_path / "a.json", ["alpha beta gamma " * 20, "one two"])
     b = outputs(tmp_path / "b.json", ["x y z"])
-    p = subprocess.run([sys.executable, "eval_len.py", a, b, "--plot", str(tmp_path / "t4.png")], cwd=ROOT,
-                       capture_output=True, text=True, timeout=120)
+    p = call(eval_len.main, a, b, "--plot", tmp_path / "t4.png")
     assert p.returncode == 0, p.stderr
-    assert png_size(tmp_path / "t4.png") == FIG_PIXELS
+    assert png_size(tmp_path / "t4.png") == FIG_PIXELS and f"wrote {tmp_path / 't4.png'}" in p.stderr
     for bad, why in ((tmp_path / "missing" / "t4.png", "not a writable folder"), (tmp_path / "t4.txt", "must end in"),
                      (tmp_path / "a.json" / "t4.png", "not a writable folder")):
-        p = subprocess.run([sys.executable, "eval_len.py", a, "--plot", str(bad)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+        p = call(eval_len.main, a, "--plot", bad)
         assert p.returncode == 2 and p.stdout == "" and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+
+
+def test_plots_cli_gaps_and_spread(tmp_path, capsys):
+    for seed_dir, seeds in (("s1", (0, 10)), ("s2", (1, 12))):
+        for alpha, seed in zip((0, 5), seeds):
+            (tmp_path / seed_dir / f"alpha_{alpha}").mkdir(parents=True)
+            log = "".join(json.dumps(r) + "\n" for r in fake_log(seed))
+            (tmp_path / seed_dir / f"alpha_{alpha}" / "log.jsonl").write_text(log)
+    one = call(plots.main, tmp_path / "s1")
+    assert one.returncode == 0 and "+-" not in one.stdout and "(one run: no spread)" in one.stdout  # no fake 0.0000
+    assert f"wrote {tmp_path / 's1' / 'curves.png'}" in one.stdout
+    both = call(plots.main, tmp_path / "s1", tmp_path / "s2")
+    g1, g2 = (plots.final_gaps(tmp_path / s)[(5.0, "uniform")]["eval_loss"] for s in ("s1", "s2"))
+    mean, sd = (g1 + g2) / 2, abs(g1 - g2) / 2 ** 0.5  # the sample standard deviation of two numbers
+    assert f"held-out loss {mean:+.4f} +- {sd:.4f}" in both.stdout and "over 2 runs" in both.stdout
+    bad = call(plots.main, tmp_path)
+    assert bad.returncode == 2 and bad.stderr.startswith(f"plots.py: error: {tmp_path}: not a sweep folder")
+    assert call(plots.main, "--help").returncode == 0

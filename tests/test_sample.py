@@ -1,6 +1,7 @@
 """sample.py: cached batched generation against a full-forward loop, the penalty by hand, EOS, sampling, the CLI."""
 import io
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -306,10 +307,9 @@ def test_cli_errors_are_one_line(tmp_path, ckpt, capsys, case):
     if case == "bad_ckpt":
         ckpt_arg = tmp_path / "nothing-here"
     out = tmp_path / ("nope/outputs.json" if case == "no_out_dir" else "outputs.json")
-    with pytest.raises(SystemExit) as e:
-        sample.main(["--ckpt", str(ckpt_arg), "--prompts", str(prompts), "--out", str(out)])
-    err = capsys.readouterr().err  # an uncaught exception would have failed pytest.raises above
-    assert e.value.code == 2
+    code = sample.main(["--ckpt", str(ckpt_arg), "--prompts", str(prompts), "--out", str(out)])
+    err = capsys.readouterr().err  # an uncaught exception would have failed the test above
+    assert code == 2
     assert err.count("\n") == 1 and err.startswith("sample.py: error: ")
     assert str({"bad_ckpt": ckpt_arg, "no_out_dir": out}.get(case, prompts)) in err
     if case == "missing":
@@ -330,3 +330,47 @@ def test_outputs_written_atomically(tmp_path):
 def test_generator_name(tmp_path):
     assert sample.generator_name(tmp_path / "neftune-7b" / "final") == "neftune-7b"
     assert sample.generator_name(tmp_path / "llama-2-7b") == "llama-2-7b"
+
+
+def test_sampling_at_temperature_half_matches_the_tempered_softmax():
+    # logits (2, 1, 0) at T = 0.5: p proportional to exp(4), exp(2), exp(0), by hand
+    expected = torch.tensor([math.exp(4), math.exp(2), 1.0])
+    expected /= expected.sum()  # 0.8668, 0.1173, 0.0159
+    n = 40000
+    logits = torch.tensor([[2.0, 1.0, 0.0]]).expand(n, 3)
+    seen = torch.zeros(n, 3, dtype=torch.bool)
+    draws = sample.next_token(logits, seen, 0.5, 1.0, 1.0, torch.Generator().manual_seed(0))
+    freq = torch.bincount(draws, minlength=3).double() / n
+    # 4 standard errors of a binomial proportion: fails for a wrong temperature (T=1 gives 0.665)
+    assert torch.all((freq - expected.double()).abs() < 4 * (expected * (1 - expected) / n).sqrt().double() + 1e-9), freq
+    # the same seeded draw, done independently: multinomial over the sorted tempered distribution
+    g = torch.Generator().manual_seed(0)
+    ref = torch.multinomial(expected.expand(n, 3).contiguous(), 1, generator=g)[:, 0]  # already sorted descending
+    assert torch.equal(draws, ref)
+
+
+def test_exact_match_by_hand():
+    answers = ["3 + 4 = 7", " 1, 2, 3\n", None, "yes", "5 - 2 = 4"]
+    refs = ["3 + 4 = 7", "1, 2, 3", "12", "no", "5 - 2 = 3"]
+    assert sample.exact_match(answers, refs) == 2 / 5  # right: the first two (ends' spaces ignored)
+
+
+def test_exact_match_answers_on_examples(tmp_path):
+    # a scripted model: it says the first example's reference, then EOS, whatever it is asked
+    tok = builtin_data.builtin_tokenizer(tmp_path / "tokenizer.model", seed=1)
+    recs = [[{"role": "user", "content": "How many times does the letter 'e' appear in the word 'tree'?", "input": ""},
+             {"role": "assistant", "content": "2"}],
+            [{"role": "user", "content": "What is 2 + 2?", "input": ""}, {"role": "assistant", "content": "2 + 2 = 4"}]]
+    examples = data.tokenize_records(recs, tok, "alpaca", 128, verbose=False)
+    start = examples[0]["labels"].index(next(l for l in examples[0]["labels"] if l != data.IGNORE))
+    script = examples[0]["input_ids"][start:]  # "2" then EOS
+    assert script[-1] == tok.eos_id and tok.decode(script[:-1]) == "2"
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16))
+    calls = []
+    m.output.register_forward_hook(lambda mod, inp, out: calls.append(1) or torch.nn.functional.one_hot(
+        torch.full(out.shape[:-1], script[min(len(calls), len(script)) - 1]), out.shape[-1]).float())
+    r = sample.exact_match_answers(m, tok, examples)
+    assert [a["answer"] for a in r["answers"]] == ["2", "2"] and [a["reference"] for a in r["answers"]] == ["2", "2 + 2 = 4"]
+    assert r["exact_match"] == 0.5 and [a["correct"] for a in r["answers"]] == [True, False]
+    assert r["answers"][1]["prompt"].endswith("What is 2 + 2?\n\n### Response:")
