@@ -14,7 +14,7 @@ from model import Tokenizer
 
 IGNORE = -100  # the label F.cross_entropy skips (its default ignore_index)
 FORMATS = ("alpaca", "sharegpt", "messages")
-TEMPLATES = ("alpaca", "llama2-chat", "vicuna", "llama3-chat")
+TEMPLATES = ("alpaca", "llama2-chat", "vicuna", "llama3-chat", "chatml")
 # ShareGPT "from" values. The FastChat demo file has only human/gpt; raw ShareGPT dumps also name
 # the assistant after the site it came from (chatgpt, bing, bard).
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -131,12 +131,18 @@ VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence a
 
 
 class Special(str):
-    """<s>, </s> or a LLaMA-3 control token inside a template: stands for the token id, never encoded as text."""
+    """<s>, </s> or a control token (LLaMA-3's, ChatML's) inside a template: stands for the token id, never
+    encoded as text."""
 
 
 BOS, EOS = Special("<s>"), Special("</s>")
 # Meta's LLaMA-3 chat format (llama-models ChatFormat); <|begin_of_text|> is the tokenizer's BOS
 START_HEADER, END_HEADER, EOT = Special("<|start_header_id|>"), Special("<|end_header_id|>"), Special("<|eot_id|>")
+# ChatML (SmolLM2, Qwen, transformers' default chat template): tokens a tokenizer.json adds
+IM_START, IM_END = Special("<|im_start|>"), Special("<|im_end|>")
+# what a template's control tokens ask of the tokenizer, for the error when it lacks them
+NEEDS = {"llama3-chat": "a LLaMA-3 tokenizer",
+         "chatml": "a tokenizer.json with ChatML's <|im_start|> and <|im_end|> tokens (SmolLM2's, Qwen's, ...)"}
 
 
 def default_template(fmt):
@@ -189,6 +195,19 @@ def pieces(messages, template):
             out += header("user") + [(user_text(user).strip(), False), (EOT, False)] + header("assistant")
             if answer is not None:
                 out += [(answer.strip(), True), (EOT, True)]  # the answer and the <|eot_id|> ending it
+    elif template == "chatml":
+        # <|im_start|>{role}\n{content}<|im_end|>\n per message, content as it is (the HF templates strip
+        # nothing); a prompt ends with an open assistant turn. Role line and content are encoded apart.
+        def message(role, content):
+            return [(IM_START, False), (role + "\n", False), (content, False), (IM_END, False), ("\n", False)]
+
+        out.append((BOS, False))
+        if system is not None:
+            out += message("system", system)
+        for user, answer in turns:
+            out += message("user", user_text(user)) + [(IM_START, False), ("assistant\n", False)]
+            if answer is not None:
+                out += [(answer, True), (IM_END, True), ("\n", False)]  # trained: up to <|im_end|>, not the "\n"
     elif template == "vicuna":
         out.append((BOS, False))
         for k, (user, answer) in enumerate(turns):
@@ -204,8 +223,9 @@ def pieces(messages, template):
 def render(messages, template):
     """The conversation as one string in each format's usual notation. The space before each answer
     is sentencepiece's dummy prefix: the answer is encoded on its own, so it starts with one
-    (LLaMA-3's tiktoken adds none)."""
-    return "".join(" " + text if trained and not isinstance(text, Special) and template != "llama3-chat" else text
+    (the byte-level BPEs of llama3-chat and chatml add none)."""
+    prefix = template not in ("llama3-chat", "chatml")
+    return "".join(" " + text if trained and not isinstance(text, Special) and prefix else text
                    for text, trained in pieces(messages, template))
 
 
@@ -219,10 +239,13 @@ def tokenize(messages, tok, template, max_len=512):
     for text, trained in pieces(messages, template):
         if isinstance(text, Special) and text not in (BOS, EOS):
             if text not in tok.special_ids:
-                raise ValueError(f"the {template} template needs a LLaMA-3 tokenizer (it has no {text} token)")
+                raise ValueError(f"the {template} template needs {NEEDS[template]} (it has no {text} token)")
             part = [tok.special_ids[text]]
+        elif isinstance(text, Special) and text == EOS:
+            part = [tok.eos_id]
         elif isinstance(text, Special):
-            part = [tok.bos_id if text == BOS else tok.eos_id]
+            # a tokenizer without a BOS (SmolLM2, Qwen): the conversation opens with its first message
+            part = [] if tok.bos_id is None else [tok.bos_id]
         else:
             part = tok.encode(text, bos=False)
         ids += part

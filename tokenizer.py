@@ -1,10 +1,13 @@
-"""The two tokenizers of Meta's LLaMA folders behind one small interface, told apart by the file's contents:
-SentencePiece (LLaMA-1/2) and the tiktoken BPE of LLaMA-3.x ("base64-token rank" per line).
+"""Three kinds of tokenizer file behind one small interface, told apart by the file's contents: the
+SentencePiece model of LLaMA-1/2, the tiktoken BPE of LLaMA-3.x ("base64-token rank" per line), and a
+Hugging Face tokenizer.json (the `tokenizers` library's format). hf_tokenizer.py writes either of
+Meta's kinds as a tokenizer.json that gives the same ids.
 
     python tokenizer.py llama-3.2-1b/tokenizer.model "Hello <|eot_id|> world"
 """
 import base64
 import binascii
+import json
 import re
 import sys
 from pathlib import Path
@@ -28,6 +31,11 @@ RANK_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+")  # one line of a tiktoken BPE f
 # the text into calls of at most 400k characters, and such runs every 25k characters (a long
 # base64 blob in a ShareGPT dump is one)
 MAX_ENCODE_CHARS, MAX_RUN_CHARS = 400_000, 25_000
+# Tokens that end an answer wherever a tokenizer.json has them (LLaMA-3's, then ChatML's), beside the EOS
+# its config files name. LLaMA-3's three come first in tiktoken's order, so both kinds give one stop_ids.
+HF_STOP_TOKENS = ("<|eom_id|>", "<|eot_id|>", "<|im_end|>", "<|end_of_text|>")
+# A tokenizer.json with no config files beside it: the first of these it has is its EOS.
+HF_EOS_GUESSES = ("</s>", "<|end_of_text|>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>")
 
 
 def cut_long_runs(text, n=MAX_RUN_CHARS):
@@ -55,6 +63,81 @@ def read_bpe_ranks(path, blob):
     return ranks
 
 
+def read_tokenizer_json(path, blob):
+    """A Hugging Face tokenizer.json -> tokenizers.Tokenizer, or a one-line CheckpointError."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    try:
+        spec = json.loads(blob.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON file ({str(e).splitlines()[0]})") from None
+    if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
+        raise CheckpointError(f"{path}: JSON, but not a tokenizer.json of the tokenizers library (no \"model\")")
+    try:
+        return HFTokenizer.from_str(blob.decode("utf-8"))
+    except Exception as e:  # noqa: BLE001 (the library raises a bare Exception with serde's message)
+        raise CheckpointError(f"{path}: not a valid tokenizer.json ({str(e).splitlines()[0]})") from None
+
+
+def read_config(path):
+    """A JSON object from a config file beside a tokenizer.json; {} when there is none."""
+    if not path.is_file():
+        return {}
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: not a JSON file ({str(e).splitlines()[0]})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def post_processor_bos(hf):
+    """The id that the tokenizer's post-processor puts before a text (<s>, <|begin_of_text|>), or None."""
+    plain, full = hf.encode("Hello", add_special_tokens=False).ids, hf.encode("Hello").ids
+    return full[0] if plain and full[1:1 + len(plain)] == plain else None
+
+
+def hf_special_ids(path, hf, special_ids):
+    """(bos_id, eos_id, pad_id, stop_ids) of a tokenizer.json, from the config files beside it."""
+    tok_config_path, gen_config_path = path.parent / "tokenizer_config.json", path.parent / "generation_config.json"
+    tok_config, gen_config = read_config(tok_config_path), read_config(gen_config_path)
+
+    def named(key):  # a token as tokenizer_config.json names it: "<s>", {"content": "<s>", ...} or null
+        name = tok_config.get(key)
+        name = name.get("content") if isinstance(name, dict) else name
+        if name is not None and hf.token_to_id(name) is None:
+            raise CheckpointError(f"{tok_config_path}: {key} {name!r} is not in {path}")
+        return None if name is None else hf.token_to_id(name)
+
+    def given(key):  # generation_config.json's ids: an int or a list of them
+        ids = gen_config.get(key)
+        ids = [] if ids is None else ids if isinstance(ids, list) else [ids]
+        if not all(isinstance(i, int) and 0 <= i < hf.get_vocab_size(with_added_tokens=True) for i in ids):
+            raise CheckpointError(f"{gen_config_path}: {key} {gen_config[key]!r} is not a token id of {path}")
+        return ids
+
+    # transformers builds its post-processor from add_bos_token when the config has the key; else the
+    # tokenizer.json's own post-processor decides. A bos_token alone is not enough: a config may name
+    # one (ChatML tokenizers often name <|im_start|> or <|endoftext|>) that nothing ever adds.
+    if "add_bos_token" in tok_config:
+        bos_id = named("bos_token") if tok_config["add_bos_token"] else None
+    else:
+        bos_id = post_processor_bos(hf)
+    eos_ids = given("eos_token_id")
+    eos_id = named("eos_token")
+    eos_id = eos_id if eos_id is not None else eos_ids[0] if eos_ids else next(
+        (special_ids[name] for name in HF_EOS_GUESSES if name in special_ids), None)
+    if eos_id is None:
+        raise CheckpointError(f"{path}: no end-of-sequence token: no eos_token in {tok_config_path.name} or "
+                              f"{gen_config_path.name} beside it, and none of {', '.join(HF_EOS_GUESSES)}")
+    # padding is masked out of attention and the loss: any id will do when the files name none
+    pad_id = next(i for i in (named("pad_token"), *given("pad_token_id"),
+                              special_ids.get("<|finetune_right_pad_id|>"), eos_id) if i is not None)
+    stop_ids = [eos_id] + eos_ids + [special_ids[name] for name in HF_STOP_TOKENS if name in special_ids]
+    return bos_id, eos_id, pad_id, list(dict.fromkeys(stop_ids))
+
+
 class Tokenizer:
     """encode(text, bos, eos) -> ids, decode(ids) -> text, n_words, bos_id, eos_id, pad_id, stop_ids.
 
@@ -65,7 +148,14 @@ class Tokenizer:
     LLaMA-3 (tiktoken BPE): bos = <|begin_of_text|>, eos = <|end_of_text|>, pad =
     <|finetune_right_pad_id|> (the token Meta reserved for it); an answer ends at <|end_of_text|>,
     <|eom_id|> or <|eot_id|>. Control tokens are never produced from text: `special_ids` maps their
-    names to ids for the chat template, which inserts them by id."""
+    names to ids for the chat template, which inserts them by id.
+
+    Hugging Face tokenizer.json: EOS and pad as tokenizer_config.json / generation_config.json beside it
+    say; every EOS id of generation_config.json, LLaMA-3's stop tokens and ChatML's <|im_end|> also end
+    an answer. BOS is the token its post-processor puts first (tokenizer_config.json's bos_token where
+    that file sets add_bos_token). Some have no BOS at all (SmolLM2, Qwen): bos_id is None, encode adds
+    nothing and the templates open without one. Its added special tokens are `special_ids` and, as
+    above, never come out of text."""
 
     def __init__(self, path):
         self.path = Path(path)
@@ -75,6 +165,8 @@ class Tokenizer:
         first = blob.lstrip().split(b"\n", 1)[0].strip()
         if RANK_LINE.fullmatch(first):  # a SentencePiece model is a binary protobuf: never this
             self._init_tiktoken(read_bpe_ranks(path, blob))
+        elif self.path.suffix == ".json" or first.startswith(b"{"):  # SentencePiece's opens with its <unk> piece
+            self._init_hf(blob)
         else:
             self._init_sentencepiece()
 
@@ -106,18 +198,33 @@ class Tokenizer:
         self.pad_id = self.special_ids["<|finetune_right_pad_id|>"]
         self.stop_ids = [self.eos_id, self.special_ids["<|eom_id|>"], self.special_ids["<|eot_id|>"]]
 
+    def _init_hf(self, blob):
+        self.hf = read_tokenizer_json(self.path, blob)
+        # as with tiktoken above: "<|im_end|>" written in the data is text, never the control token
+        self.hf.encode_special_tokens = True
+        self.kind, self.tiktoken = "hf", None
+        self.n_words = self.hf.get_vocab_size(with_added_tokens=True)
+        self.special_ids = {t.content: i for i, t in sorted(self.hf.get_added_tokens_decoder().items()) if t.special}
+        self.bos_id, self.eos_id, self.pad_id, self.stop_ids = hf_special_ids(self.path, self.hf, self.special_ids)
+
     def encode(self, text, bos=True, eos=False):
+        if self.kind == "hf":
+            ids = self.hf.encode(text, add_special_tokens=False).ids
+            return [self.bos_id] * (bos and self.bos_id is not None) + ids + [self.eos_id] * eos
         if self.tiktoken is None:
             ids = self.sp.encode(text)
         else:
             # allowed_special=set(): "<|eot_id|>" written in the data is text, never the control token;
             # disallowed_special=(): ...and no error for it either (tiktoken's default raises).
-            pieces = [p for i in range(0, len(text), MAX_ENCODE_CHARS) for p in cut_long_runs(text[i:i + MAX_ENCODE_CHARS])]
+            pieces = [p for i in range(0, len(text), MAX_ENCODE_CHARS)
+                      for p in cut_long_runs(text[i:i + MAX_ENCODE_CHARS])]
             ids = [t for p in pieces for t in self.tiktoken.encode(p, allowed_special=set(), disallowed_special=())]
         return [self.bos_id] * bos + ids + [self.eos_id] * eos
 
     def decode(self, ids):
         ids = [int(i) for i in ids]
+        if self.kind == "hf":
+            return self.hf.decode(ids, skip_special_tokens=True)
         if self.tiktoken is None:
             return self.sp.decode(ids)  # control pieces (<s>, </s>) decode to nothing
         # as SentencePiece does with its control pieces: no control-token text in the output
@@ -125,16 +232,20 @@ class Tokenizer:
 
 
 def find_tokenizer(ckpt_dir):
-    """Meta's download puts tokenizer.model one level above the size folders; ours beside the weights."""
-    for p in (Path(ckpt_dir) / "tokenizer.model", Path(ckpt_dir).parent / "tokenizer.model"):
-        if p.is_file():
-            return p
-    return None
+    """Meta's download puts tokenizer.model one level above the size folders; ours beside the weights.
+    A Hugging Face folder (it has config.json) reads its tokenizer.json first: that is the file
+    transformers uses, and the only one that holds tokens added after training the SentencePiece model."""
+    d = Path(ckpt_dir)
+    if (d / "config.json").is_file():
+        candidates = (d / "tokenizer.json", d / "tokenizer.model")
+    else:
+        candidates = (d / "tokenizer.model", d.parent / "tokenizer.model", d / "tokenizer.json")
+    return next((p for p in candidates if p.is_file()), None)
 
 
 def run(argv):
     p = ArgumentParser(prog="tokenizer.py", description="Which tokenizer a file is, and the ids of a text.")
-    p.add_argument("path", help="tokenizer.model (SentencePiece or LLaMA-3's tiktoken BPE)")
+    p.add_argument("path", help="tokenizer.model (SentencePiece or LLaMA-3's tiktoken BPE) or tokenizer.json")
     p.add_argument("text", nargs="*", default=["Hello world"], help="text to encode")
     a = p.parse_args(argv)
     tok = Tokenizer(a.path)

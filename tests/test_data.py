@@ -93,7 +93,8 @@ def check_labels(messages, tokenizer, template):
     return ids
 
 
-SP_TEMPLATES = [t for t in data.TEMPLATES if t != "llama3-chat"]  # llama3-chat needs LLaMA-3's tokenizer: test_llama3.py
+# llama3-chat and chatml need their control tokens: test_llama3.py, test_hf_tokenizer.py
+SP_TEMPLATES = [t for t in data.TEMPLATES if t not in ("llama3-chat", "chatml")]
 
 @pytest.mark.parametrize("template", SP_TEMPLATES)
 def test_labels_cover_exactly_the_answers(tok, template):
