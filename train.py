@@ -117,6 +117,15 @@ def row_generators(seed, epoch, indices, device):
 
 # ----------------------------------------------------------------------------- model and loss
 
+def mixed_precision(device, dtype):
+    """FSDP's policy. On CUDA in bf16: bf16 compute from fp32 master weights, gradients reduced in fp32.
+    Inputs are never cast: the RoPE tables (cos, sin) stay fp32 in every block, as in generation (a
+    bf16 table loses the angle's low bits at long positions), and the activations are bf16 already.
+    On a CPU, bf16 is autocast instead (train_one)."""
+    bf16 = torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else None
+    return MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16 and torch.float32, cast_forward_inputs=False)
+
+
 def build_model(args, init, vocab_size, device, mesh, dtype):
     """The model, sharded by FSDP2 over `mesh`, one unit per block and the root holding the embedding,
     norm and output. From --init (init = read_init's triple) it is built on the meta device, sharded,
@@ -137,10 +146,7 @@ def build_model(args, init, vocab_size, device, mesh, dtype):
         lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=args.seed)
     adapters = lora.initial_adapters(model, args.seed) if args.lora_rank and init else None
     model.train()
-    # bf16 compute with fp32 master weights and fp32 gradient reduction; inputs are not cast, so the
-    # RoPE tables stay fp32 in every block, as in generation (the activations are bf16 already)
-    bf16 = torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else None
-    mp = MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16 and torch.float32, cast_forward_inputs=False)
+    mp = mixed_precision(device, dtype)
     for i, layer in enumerate(model.layers):
         if args.act_ckpt:  # keep only each block's input for backward, recompute the rest
             layer = model.layers[i] = checkpoint_wrapper(layer)

@@ -43,8 +43,8 @@ def command(script, args, nproc=1):
     return [sys.executable, *launcher, script, *map(str, args)]
 
 
-def run_script(script, args, nproc=1, check=True, timeout=300, **kw):
-    p = subprocess.run(command(script, args, nproc), cwd=ROOT, env=ENV, capture_output=True, text=True,
+def run_script(script, args, nproc=1, check=True, timeout=300, env=None, **kw):
+    p = subprocess.run(command(script, args, nproc), cwd=ROOT, env=ENV | (env or {}), capture_output=True, text=True,
                        timeout=timeout, **kw)
     if check and p.returncode != 0:
         raise AssertionError(f"{script} failed ({p.returncode}):\n{p.stderr[-3000:]}")
@@ -106,3 +106,30 @@ def meta_folder(root, vocab_extra=0, poison=False, n_kv_heads=2):
             m.tok_embeddings.weight[tok.sp.piece_to_id("<0xFF>"), 0] = float("inf")
     save_meta(m, root / "tiny", dtype=torch.float32)
     return root / "tiny", tok, m
+
+
+# ---- generation on a tiny random model
+
+PROMPTS = [[1, 5, 7, 9, 11], [1, 20], [1, 3, 4, 5, 6, 7, 8, 9, 10, 30, 40, 41, 42, 43, 44, 45, 46], [1]]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    # Tiny models: a second thread only adds synchronisation, and CI machines are often shared.
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_model(seed=0, vocab_size=97):
+    torch.manual_seed(seed)
+    # n_kv_heads < n_heads so the cache is also exercised with GQA
+    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=16))
+    # Training's std-0.02 init leaves attention nearly uniform, blind to positions and padding
+    # mistakes; unit-variance weights make every token and position change the answer.
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if name == "tok_embeddings.weight" else p.shape[1] ** -0.5)
+    return model.eval()

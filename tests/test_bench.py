@@ -5,9 +5,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_bench_tiny_config(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--only", "train", "noise", "decode", "--dim", "64", "--n-layers", "2",
@@ -40,6 +43,7 @@ def test_bench_tiny_config(tmp_path):
                         rel_tol=0.01)
 
 
+@pytest.mark.slow
 def test_bench_load_tiny_config(tmp_path):
     out, ckpt = tmp_path / "bench.json", tmp_path / "ckpt"
     cmd = [sys.executable, "bench.py", "--only", "load", "--dim", "128", "--n-layers", "2", "--n-heads", "4", "--vocab", "4096",

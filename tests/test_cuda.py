@@ -4,8 +4,8 @@ import json
 
 import pytest
 import torch
+from conftest import PROMPTS, tiny_model
 from test_precision import train_run
-from test_sample import PROMPTS, tiny_model
 from torch._dynamo.utils import counters
 
 from sample import generate

@@ -4,9 +4,9 @@ import math
 import random
 
 import pytest
+from conftest import call
 
 import eval_len
-from conftest import call
 from eval_len import corpus_bleu, lcs_len, length_stats, rouge_l, train_overlap
 
 

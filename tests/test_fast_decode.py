@@ -6,8 +6,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import call
-from test_sample import PROMPTS, one_thread, tiny_model  # noqa: F401 (one_thread: an autouse fixture)
+from conftest import PROMPTS, call, tiny_model
 from torch._dynamo.utils import counters
 
 import builtin_data
@@ -22,7 +21,7 @@ def graphs():
 
 
 @pytest.fixture(scope="module")
-def compiled(one_thread):
+def compiled():
     """One tiny model and its first compiled call (a left-padded batch of 4): compiling is the slow part."""
     model = tiny_model()
     before = graphs()
@@ -82,7 +81,7 @@ def test_only_the_current_shapes_cache_is_kept(compiled):
 
 
 @pytest.mark.slow
-def test_more_batch_shapes_than_the_recompile_limit(one_thread):
+def test_more_batch_shapes_than_the_recompile_limit():
     # 10 batch sizes -> 10 power-of-two shapes, past dynamo's limit of 8 compiled graphs per function: with
     # fullgraph=True the 9th would be an error; the compiled graphs are dropped and compiling starts afresh
     assert torch._dynamo.config.recompile_limit < 10

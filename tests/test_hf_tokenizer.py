@@ -6,16 +6,16 @@ import functools
 import io
 import json
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import call
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, processors, trainers
 
 import builtin_data
 import data
+import tokenizer
 from hf_tokenizer import write_hf_tokenizer
 from tokenizer import PAT_STR, CheckpointError, Tokenizer, find_tokenizer
 
@@ -202,8 +202,7 @@ def test_bad_config_beside_it_is_named(chatml_bpe, tmp_path):
     # the command line: one line on stderr, exit status 2, no traceback
     (tmp_path / "generation_config.json").unlink()
     path.write_text("{oops")
-    p = subprocess.run([sys.executable, "tokenizer.py", str(path)], cwd=ROOT,
-                       capture_output=True, text=True, timeout=60, check=False)
+    p = call(tokenizer.main, path)
     assert p.returncode == 2 and p.stderr.count("\n") == 1 and "not a JSON file" in p.stderr
 
 

@@ -365,6 +365,7 @@ def test_sample_llama3_chat_stops_at_eot(llama3, tmp_path, monkeypatch, capsys):
 
 # ---------------------------------------------------------------- train.py --init under torchrun
 
+@pytest.mark.slow
 def test_train_init_two_ranks_and_final_round_trip(llama3, tmp_path):
     ckpt, tok, model = llama3
     msgs = lambda i: {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i} + 1?"},
@@ -399,6 +400,7 @@ def test_train_init_two_ranks_and_final_round_trip(llama3, tmp_path):
         assert torch.equal(back(x, positions=pos), model(x, positions=pos))
 
 
+@pytest.mark.slow
 def test_train_tied_checkpoint_stays_tied(llama3, tmp_path):
     ckpt, tok, model = llama3
     d = tmp_path / "tied"  # LLaMA-3.2 style: no output.weight, the output reads the embedding
@@ -422,6 +424,7 @@ def test_train_tied_checkpoint_stays_tied(llama3, tmp_path):
     assert trained.output.weight is trained.tok_embeddings.weight
 
 
+@pytest.mark.slow
 def test_bench_loss_memory_part(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--only", "loss", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--vocab", "32000",

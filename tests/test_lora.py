@@ -11,9 +11,9 @@ import time
 import pytest
 import torch
 import torch.distributed as dist
-from torch.distributed.device_mesh import init_device_mesh
 from conftest import ENV, ROOT, TINY, losses, meta_folder, read_log, run_train
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+from torch.distributed.device_mesh import init_device_mesh
 
 import checkpoint
 import lora

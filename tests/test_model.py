@@ -4,17 +4,16 @@ import json
 import math
 import os
 import shlex
-import subprocess
 import sys
 from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
+from conftest import call
 
 import model
-from conftest import call
-import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))

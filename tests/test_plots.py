@@ -9,10 +9,10 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import call
 
 import builtin_data
 import eval_len
-from conftest import call
 import plots
 import train
 
@@ -103,6 +103,7 @@ def test_final_gaps(tmp_path):
     assert gaps["clean_train_loss"] == pytest.approx(-0.010) and gaps["eval_loss"] == pytest.approx(0.020)
 
 
+@pytest.mark.slow
 def test_train_sweep_writes_curves(tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "--recipe", "fig4", "--builtin-size", "60", "--dim", "32", "--n-layers", "1",

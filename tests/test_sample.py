@@ -2,12 +2,11 @@
 import io
 import json
 import math
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import PROMPTS, call, tiny_model
 
 import builtin_data
 import data
@@ -16,29 +15,10 @@ from model import ModelArgs, Tokenizer, Transformer, load_meta, save_meta
 from sample import apply_repetition_penalty, generate, sample_top_p
 
 ROOT = Path(__file__).resolve().parents[1]
-PROMPTS = [[1, 5, 7, 9, 11], [1, 20], [1, 3, 4, 5, 6, 7, 8, 9, 10, 30, 40, 41, 42, 43, 44, 45, 46], [1]]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # Tiny models: a second thread only adds synchronisation, and CI machines are often shared.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
-def tiny_model(seed=0, vocab_size=97):
-    torch.manual_seed(seed)
-    # n_kv_heads < n_heads so the cache is also exercised with GQA
-    model = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=vocab_size, multiple_of=16))
-    # Training's std-0.02 init leaves attention nearly uniform, blind to positions and padding
-    # mistakes; unit-variance weights make every token and position change the answer.
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 2:
-                p.normal_(0, 1.0 if name == "tok_embeddings.weight" else p.shape[1] ** -0.5)
-    return model.eval()
 
 
 @torch.no_grad()
@@ -243,9 +223,8 @@ RECORDS = [{"instruction": "Name three rivers.", "dataset": "helpful_base"},
 def test_cli_writes_alpaca_eval_outputs(tmp_path, ckpt):
     prompts = write(tmp_path / "prompts.json", RECORDS)
     out = tmp_path / "outputs.json"
-    r = subprocess.run([sys.executable, str(ROOT / "sample.py"), "--ckpt", str(ckpt), "--prompts", str(prompts),
-                        "--out", str(out), "--limit", "3", "--max-new-tokens", "5", "--batch-size", "2"],
-                       capture_output=True, text=True, cwd=tmp_path)
+    r = call(sample.main, "--ckpt", ckpt, "--prompts", prompts, "--out", out, "--limit", 3, "--max-new-tokens", 5,
+             "--batch-size", 2)
     assert r.returncode == 0, r.stderr
     outputs = json.loads(out.read_text())
     assert [list(o) for o in outputs] == [["instruction", "output", "generator", "dataset"],

@@ -1,10 +1,15 @@
 """train.py end to end on a tiny model: ranks, accumulation, kill -9 and resume, export, sweep, errors."""
 import json
 import math
+from contextlib import nullcontext
 
 import pytest
 import torch
+import torch.distributed as dist
+import torch.nn.functional as F
 from conftest import losses, meta_folder, read_log, run_train
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
 
 import builtin_data
 import checkpoint
@@ -84,6 +89,51 @@ def test_noise_only_in_training_steps(monkeypatch):
     assert torch.allclose(train.forward_loss(model, batch, "cpu", nullcontext(), alpha=0.0), clean)
 
 
+
+
+@pytest.fixture
+def world_of_one(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield init_device_mesh("cpu", (1,))
+    dist.destroy_process_group()
+
+
+def test_fsdp_bf16_blocks_see_fp32_rope_tables(world_of_one):
+    # the CUDA bf16 policy, applied here on the CPU: weights are gathered in bf16, but the cos/sin tables
+    # every block receives stay fp32 (FSDP's default cast_forward_inputs would make them bf16)
+    mp = train.mixed_precision(torch.device("cuda"), torch.bfloat16)
+    assert mp.param_dtype == torch.bfloat16 and mp.reduce_dtype == torch.float32
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=16))
+    for layer in model.layers:
+        fully_shard(layer, mesh=world_of_one, mp_policy=mp)
+    fully_shard(model, mesh=world_of_one, mp_policy=mp)
+    seen = []
+    for layer in model.layers:
+        layer.register_forward_pre_hook(lambda m, args: seen.append(tuple(a.dtype for a in args[:3])))
+    model(torch.randint(0, 50, (2, 8))).float().sum().backward()
+    assert seen == [(torch.bfloat16, torch.float32, torch.float32)] * 2  # (hidden states, cos, sin) per block
+
+
+def test_right_padded_batch_needs_no_attention_mask():
+    # causal attention never looks right, so the padding after a row's tokens changes nothing before it:
+    # every response token's loss is the same without a mask (forward_loss passes none: SDPA's fast path)
+    torch.manual_seed(0)
+    model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=16)).eval()
+    rows = [torch.randint(3, 50, (n,)).tolist() for n in (9, 4, 6)]
+    examples = [{"input_ids": r, "labels": [data.IGNORE] * 2 + r[2:]} for r in rows]
+    batch = data.collate(examples, pad_id=0)
+    assert not batch["mask"].all()
+    with torch.no_grad():
+        masked = model(batch["input_ids"], mask=batch["mask"])
+        plain = model(batch["input_ids"])
+        per_token = [F.cross_entropy(x[:, :-1].flatten(0, 1), batch["labels"][:, 1:].flatten(), reduction="none")
+                     for x in (masked, plain)]
+        summed = train.forward_loss(model, batch, "cpu", nullcontext())
+    real = batch["labels"][:, 1:].flatten() != data.IGNORE
+    assert real.sum() == sum(len(r) - 2 for r in rows)  # labels from position 2 on
+    assert torch.allclose(per_token[0][real], per_token[1][real], atol=1e-6)
+    assert torch.allclose(summed, per_token[0][real].sum(), rtol=1e-6)
 
 
 @pytest.mark.slow
