@@ -3,10 +3,10 @@ and MFU, NEFTune's cost, decode tokens/s against memory bandwidth, load_meta's p
 memory at LLaMA-3's vocabulary (whole logits vs chunked), LoRA against full finetuning, and LoRA's
 memory for LLaMA-2-7B (lora_memory).
 
-    python bench.py                  # everything (~5 min on 2 CPU cores); --only train noise decode load loss decode1 lora lora_memory
+    python bench.py                  # everything (~12 min on 2 CPU cores); --only PART ... picks (--help lists them)
     python bench.py --only train --compile --dtypes fp32 bf16
     python bench.py --only train --preset tinyllama --seq-len 2048 --batch-size 4 --dtypes bf16 --compile   # GPU: MFU
-    python bench.py --only decode1 --preset llama2-7b --decode1-dtypes bf16 --new-tokens 128             # GPU: 7B decode
+    python bench.py --only decode1 --preset llama2-7b --decode1-dtypes bf16 --new-tokens 128   # GPU: 7B decode
 """
 import argparse
 import json
@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-import lora
 import bench_memory
+import lora
 from bench_memory import LLAMA2_7B, LOAD_CFG, LOSS_CFG, bench_load, bench_loss, lora_memory
 from model import ModelArgs, Transformer
 from noise import neftune, neftune_noise
@@ -113,7 +113,8 @@ def bench_train(cfg, dtypes, compile_modes, device, seq_len, batch_size, min_tim
             opt = torch.optim.AdamW(model.parameters(), lr=1e-4, foreach=True)
             tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len), device=device)
             mask = torch.ones_like(tokens, dtype=torch.bool)
-            t = timed(train_step_fn(model, opt, tokens, mask, dtype, device, alpha=5.0), device, min_time=min_time, min_reps=2)
+            t = timed(train_step_fn(model, opt, tokens, mask, dtype, device, alpha=5.0), device, min_time=min_time,
+                      min_reps=2)
             tok_s = batch_size * seq_len / t
             run = {"step_s": round(t, 6), "tokens_per_s": round(tok_s, 1), "mfu": round(tok_s * flops_tok / peak, 4)}
             if device.type == "cuda" and name == "bf16":
@@ -143,7 +144,8 @@ def bench_noise(cfg, device, seq_len, batch_size, rounds):
             sync(device)
             times[a].append(time.perf_counter() - t)
     t0, t5 = min(times[0.0]), min(times[5.0])
-    return {"neftune_ms": round(1e3 * t_noise, 3), "step_ms_alpha0": round(1e3 * t0, 1), "step_ms_alpha5": round(1e3 * t5, 1),
+    return {"neftune_ms": round(1e3 * t_noise, 3), "step_ms_alpha0": round(1e3 * t0, 1),
+            "step_ms_alpha5": round(1e3 * t5, 1),
             "neftune_over_step": round(t_noise / t0, 5), "step_ratio_alpha5_over_alpha0": round(t5 / t0, 4)}
 
 
@@ -156,9 +158,12 @@ def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, n
     model = Transformer(args).to(device, dtype).eval()
     weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
     bw = copy_bandwidth(device, copy_mb << 20)
-    out = {"config": cfg, "dtype": dtype_name, "n_params": model.num_params(), "weight_gb": round(weight_bytes / 1e9, 3),
-           "copy_bandwidth_gb_s": round(bw / 1e9, 2), "bandwidth_limit_tokens_per_s_batch1": round(bw / weight_bytes, 2)}
-    prompts = lambda b: torch.randint(3, args.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
+    out = {"config": cfg, "dtype": dtype_name, "n_params": model.num_params(), "weight_gb": round(weight_bytes / 1e9,
+                                                                                                  3),
+           "copy_bandwidth_gb_s": round(bw / 1e9, 2), "bandwidth_limit_tokens_per_s_batch1": round(bw / weight_bytes,
+                                                                                                   2)}
+    def prompts(b):
+        return torch.randint(3, args.vocab_size, (b, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     for b in batch_sizes:
         generate(model, prompts(b), 2)  # warm-up
         sync(device)
@@ -168,7 +173,8 @@ def bench_decode(cfg, device, dtype_name, new_tokens, prompt_len, batch_sizes, n
         tok_s = b * new_tokens / (time.perf_counter() - t0)
         out[f"tokens_per_s_batch{b}"] = round(tok_s, 2)
         if b == 1:
-            out["fraction_of_bandwidth_limit_batch1"] = float(f"{tok_s / (bw / weight_bytes):.3g}")  # 3 digits, even when tiny
+            # 3 significant digits, even when tiny
+            out["fraction_of_bandwidth_limit_batch1"] = float(f"{tok_s / (bw / weight_bytes):.3g}")
     # no cache: every step runs the whole sequence again, so its cost grows with the length
     ids = torch.tensor(prompts(1), device=device)
     with torch.inference_mode():
@@ -189,7 +195,8 @@ def bench_lora(cfg, device, seq_len, batch_size, rounds, rank):
     args, dtype = ModelArgs(**cfg), torch.bfloat16 if device.type == "cuda" else torch.float32
     tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len), device=device)
     mask = torch.ones_like(tokens, dtype=torch.bool)
-    out, steps = {"config": {**cfg, "seq_len": seq_len, "batch_size": batch_size, "rank": rank, "dtype": str(dtype)[6:]}}, {}
+    out, steps = {"config": {**cfg, "seq_len": seq_len, "batch_size": batch_size, "rank": rank,
+                             "dtype": str(dtype)[6:]}}, {}
     for name in ("full", "lora"):
         before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
         if device.type == "cuda":
@@ -199,7 +206,8 @@ def bench_lora(cfg, device, seq_len, batch_size, rounds, rank):
         if name == "lora":
             lora.add_lora(model.to(dtype), rank, alpha=16, dropout=0.05)
         params = [p for p in model.to(device).train().parameters() if p.requires_grad]
-        steps[name] = train_step_fn(model, torch.optim.AdamW(params, lr=1e-4, foreach=True), tokens, mask, dtype, device, alpha=5.0)
+        steps[name] = train_step_fn(model, torch.optim.AdamW(params, lr=1e-4, foreach=True), tokens, mask, dtype,
+                                    device, alpha=5.0)
         steps[name]()  # warm-up, and the peak memory of a step
         out[name] = {"trainable_params": sum(p.numel() for p in params)}
         if device.type == "cuda":
@@ -212,7 +220,8 @@ def bench_lora(cfg, device, seq_len, batch_size, rounds, rank):
             sync(device)
             times[name].append(time.perf_counter() - t0)
     for name in steps:
-        out[name] |= {"step_s": round(min(times[name]), 6), "tokens_per_s": round(batch_size * seq_len / min(times[name]), 1)}
+        out[name] |= {"step_s": round(min(times[name]), 6),
+                      "tokens_per_s": round(batch_size * seq_len / min(times[name]), 1)}
     out["lora_over_full_tokens_per_s"] = round(out["lora"]["tokens_per_s"] / out["full"]["tokens_per_s"], 3)
     out["trainable_fraction"] = round(out["lora"]["trainable_params"] / out["full"]["trainable_params"], 5)
     return out
@@ -254,7 +263,8 @@ def bench_decode1(cfg, device, dtype_names, new_tokens, prompt_len, rounds, copy
                     sync(device)
                     best[k] = min(best[k], time.perf_counter() - t)
         limit = 2 * src.numel() * 4 / best["copy"] / weight_bytes
-        r = {"weight_gb": round(weight_bytes / 1e9, 3), "copy_bandwidth_gb_s": round(2 * src.numel() * 4 / best["copy"] / 1e9, 2),
+        r = {"weight_gb": round(weight_bytes / 1e9, 3),
+             "copy_bandwidth_gb_s": round(2 * src.numel() * 4 / best["copy"] / 1e9, 2),
              "bandwidth_limit_tokens_per_s": round(limit, 1), "compile_s": round(compile_s, 1),
              "matvecs_only_tokens_per_s": round(1 / best["matvecs"], 1),
              "matvecs_gb_s": round(sum(w.numel() * w.element_size() for w in linears) / best["matvecs"] / 1e9, 2)}
@@ -264,7 +274,8 @@ def bench_decode1(cfg, device, dtype_names, new_tokens, prompt_len, rounds, copy
             r[f"{mode}_fraction_of_limit"] = round(tok_s / limit, 3)
         out[name] = r
         if profile:  # where a compiled step's time goes: expect the BLAS mat-vecs (aten::mm / addmm) on top
-            from torch.profiler import ProfilerActivity, profile as torch_profile
+            from torch.profiler import ProfilerActivity
+            from torch.profiler import profile as torch_profile
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
             for c in (False, True):
                 with torch_profile(activities=acts) as prof:
@@ -284,7 +295,8 @@ PRESETS = {"tinyllama": dict(dim=2048, n_layers=22, n_heads=32, n_kv_heads=4, vo
 
 def size_cfg(cfg, a, preset=True):
     cfg = PRESETS[a.preset] if a.preset and preset else cfg
-    return {**cfg, **{k: v for k, v in (("dim", a.dim), ("n_layers", a.n_layers), ("n_heads", a.n_heads), ("vocab_size", a.vocab)) if v}}
+    return {**cfg, **{k: v for k, v in (("dim", a.dim), ("n_layers", a.n_layers), ("n_heads", a.n_heads),
+                                        ("vocab_size", a.vocab)) if v}}
 
 
 PARTS = {
@@ -296,7 +308,8 @@ PARTS = {
     "load": lambda a, d: bench_load(a.load_dir, ModelArgs(**size_cfg(LOAD_CFG, a, preset=False))),
     "loss": lambda a, d: bench_loss(size_cfg(LOSS_CFG, a, preset=False), a.loss_batch_size, a.seq_len),
     "lora": lambda a, d: bench_lora(size_cfg(TRAIN_CFG, a), d, a.seq_len, a.batch_size, a.noise_rounds, a.lora_rank),
-    "lora_memory": lambda a, d: lora_memory(size_cfg(LLAMA2_7B, a, preset=False), a.lora_rank, a.lora_micro_batch, a.lora_seq_len),
+    "lora_memory": lambda a, d: lora_memory(size_cfg(LLAMA2_7B, a, preset=False), a.lora_rank, a.lora_micro_batch,
+                                            a.lora_seq_len),
     "init_memory": lambda a, d: bench_memory.init_memory(size_cfg(bench_memory.INIT_CFG, a, preset=False)),
     "grad_sync": lambda a, d: bench_memory.grad_sync(size_cfg(bench_memory.GRAD_SYNC_CFG, a, preset=False)),
     "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a), d, a.decode1_dtypes, a.new_tokens,
@@ -307,9 +320,10 @@ PARTS = {
 def machine(device):
     if device.type == "cuda":
         return {"device": torch.cuda.get_device_name(), "torch": torch.__version__}
-    cpu = next((l.split(":", 1)[1].strip() for l in Path("/proc/cpuinfo").read_text().splitlines()
-                if l.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
-    return {"device": f"CPU {cpu}, {torch.get_num_threads()} threads, capability {torch.backends.cpu.get_cpu_capability()}",
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), "unknown") if Path("/proc/cpuinfo").exists() else "unknown"
+    capability = torch.backends.cpu.get_cpu_capability()
+    return {"device": f"CPU {cpu}, {torch.get_num_threads()} threads, capability {capability}",
             "torch": torch.__version__}
 
 
@@ -317,13 +331,16 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Benchmarks of the NEFTune reference implementation.")
     p.add_argument("--only", nargs="+", choices=list(PARTS), default=list(PARTS), help="parts to run (default: all)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"], help="training dtypes (bf16 = autocast)")
+    p.add_argument("--dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"],
+                   help="training dtypes (bf16 = autocast)")
     p.add_argument("--compile", action="store_true", help="also time torch.compile'd blocks")
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--min-time", type=float, default=10.0, help="seconds of timed training steps per variant")
-    p.add_argument("--noise-rounds", type=int, default=6, help="alternating steps timed: alpha 0 / 5 (noise), full / LoRA (lora)")
-    p.add_argument("--preset", choices=list(PRESETS), help="model shape of the train, noise, decode and decode1 parts (--dim etc. still override)")
+    p.add_argument("--noise-rounds", type=int, default=6,
+                   help="alternating steps timed: alpha 0 / 5 (noise), full / LoRA (lora)")
+    p.add_argument("--preset", choices=list(PRESETS),
+                   help="model shape of the train, noise, decode and decode1 parts (--dim etc. still override)")
     p.add_argument("--dim", type=int, help="override the model width (tiny runs: tests)")
     p.add_argument("--n-layers", type=int)
     p.add_argument("--n-heads", type=int)
@@ -335,7 +352,8 @@ def main(argv=None):
     p.add_argument("--decode1-dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"],
                    help="weight dtypes of the batch-1 eager-vs-compiled decode part")
     p.add_argument("--decode1-rounds", type=int, default=5, help="alternating rounds of the decode1 part (best of)")
-    p.add_argument("--profile", action="store_true", help="decode1: print a torch.profiler table of eager and compiled decoding")
+    p.add_argument("--profile", action="store_true",
+                   help="decode1: print a torch.profiler table of eager and compiled decoding")
     p.add_argument("--nocache-tokens", type=int, default=256, help="tokens of the no-cache reference loop")
     p.add_argument("--peak-n", type=int, default=4096, help="largest square size for the matmul peak")
     p.add_argument("--copy-mb", type=int, default=1024, help="size of the bandwidth-measuring copy")

@@ -134,7 +134,8 @@ def bench_load(load_dir="/tmp/neftune_bench_ckpt", args=LOAD_ARGS):
     }
 
 
-LOSS_CFG = dict(dim=256, n_layers=2, n_heads=4, vocab_size=128256, multiple_of=256)  # a tiny model, LLaMA-3's vocabulary
+LOSS_CFG = dict(dim=256, n_layers=2, n_heads=4, vocab_size=128256,
+                multiple_of=256)  # a tiny model, LLaMA-3's vocabulary
 
 
 def loss_child(mode, cfg, batch_size, seq_len):
@@ -181,7 +182,8 @@ def saved_activation_bytes(args, rank, dropout, batch_size, seq_len):
     the rest: the first block, which keeps less as its input needs no grad, the output and the
     loss). Storages count once; weights are not activations."""
     torch.manual_seed(0)
-    model = lora.add_lora(Transformer(ModelArgs(**{**args.__dict__, "n_layers": 2})).to(torch.bfloat16), rank, 16, dropout).train()
+    model = lora.add_lora(Transformer(ModelArgs(**{**args.__dict__, "n_layers": 2})).to(torch.bfloat16), rank, 16,
+                          dropout).train()
     weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
     where, saved = ["rest"], {}
     last = model.layers[-1]  # the first block sees an input that needs no grad, so it keeps less
@@ -212,13 +214,17 @@ def lora_memory(cfg, rank, micro_batch, seq_len, dropout=0.05):
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     adapters = model.num_params() - base
     block, rest = saved_activation_bytes(args, rank, dropout, micro_batch, seq_len)
-    acts, acts_ckpt = (args.n_layers - 1) * block + rest, args.n_layers * 2 * args.dim * micro_batch * seq_len + block + rest
-    gb = lambda b: round(b / 1e9, 2)
+    acts = (args.n_layers - 1) * block + rest
+    acts_ckpt = args.n_layers * 2 * args.dim * micro_batch * seq_len + block + rest
+
+    def gb(b):
+        return round(b / 1e9, 2)
     out = {"config": {**cfg, "rank": rank, "micro_batch": micro_batch, "seq_len": seq_len, "dropout": dropout},
            "base_bf16_gb": gb(2 * base), "adapter_params": adapters, "adapters_grads_adamw_gb": gb(16 * adapters),
            "activations_per_block_gb": gb(block), "activations_first_block_and_output_gb": gb(rest),
            "activations_gb": gb(acts), "activations_act_ckpt_gb": gb(acts_ckpt),
-           "total_gb": gb(2 * base + 16 * adapters + acts), "total_act_ckpt_gb": gb(2 * base + 16 * adapters + acts_ckpt)}
+           "total_gb": gb(2 * base + 16 * adapters + acts),
+           "total_act_ckpt_gb": gb(2 * base + 16 * adapters + acts_ckpt)}
     out["full_finetune_weights_grads_adamw_gb"] = gb(16 * base)  # fp32 master + grad + 2 moments, before activations
     return out
 
@@ -253,13 +259,13 @@ def workers(root_pid):
     return found
 
 
-def sampled_run(cmd, every=0.02):
+def sampled_run(cmd, every=0.02, env=None):
     """Run cmd (torchrun ...) and sample its workers' RssAnon until it exits -> (peak bytes per rank,
     seconds, stderr's tail). Sampling every 20 ms: a short spike could slip between two samples."""
     peaks, t0 = {}, time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, env=dict(os.environ, OMP_NUM_THREADS="1"),
-                             cwd=Path(__file__).resolve().parent)
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=Path(__file__).resolve().parent,
+                             env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
         ranks = {}
         while p.poll() is None:
             ranks |= workers(p.pid)
@@ -310,15 +316,20 @@ def init_memory(cfg=INIT_CFG, work="/tmp/neftune_bench_init", nproc=2, steps=2, 
            "fp32_shard_gb": round(shard_gb, 3), "goal_gb": round(1.3 * shard_gb + 0.4, 3),
            "bf16_export_gb": round(2 * n_params / 1e9, 3)}
     run_dir = work / "run"
-    shutil.rmtree(run_dir, ignore_errors=True)
     flags = ["--init", ckpt, "--data", data, "--out", run_dir, "--lora-rank", "8", "--act-ckpt", "--dtype", "fp32",
              "--device", "cpu", "--batch-size", nproc * micro_batch, "--micro-batch-size", micro_batch,
              "--max-len", seq_len, "--eval-examples", 4, "--eval-every", 1000, "--save-every", steps]
-    for name, extra in (("first", ["--max-steps", steps]), ("resume", ["--max-steps", 2 * steps, "--resume"])):
-        peaks, seconds, _ = sampled_run(torchrun(nproc, *flags, *extra))
-        out[name] = {f"rank{r}_peak_rss_anon_gb": round(b / 1e9, 3) for r, b in sorted(peaks.items())}
-        out[name] |= {f"rank{r}_over_shard": round(b / 1e9 / shard_gb, 2) for r, b in sorted(peaks.items())}
-        out[name]["wall_s"] = round(seconds, 1)
+    # glibc keeps the freed blocks of FSDP's per-block all-gathers on the CPU (small allocations land in
+    # them, so the next block's cannot reuse them): RssAnon then stays near its high-water mark. With
+    # large blocks served by mmap (MALLOC_MMAP_THRESHOLD_) a free returns them and RssAnon follows the
+    # live tensors. Both are measured; on a GPU the all-gathers are device memory and neither applies.
+    for allocator, env in (("glibc_default", {}), ("mmap_threshold_64k", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
+        shutil.rmtree(run_dir, ignore_errors=True)
+        for name, extra in (("first", ["--max-steps", steps]), ("resume", ["--max-steps", 2 * steps, "--resume"])):
+            peaks, seconds, _ = sampled_run(torchrun(nproc, *flags, *extra), env=env)
+            r = {f"rank{r}_peak_rss_anon_gb": round(b / 1e9, 3) for r, b in sorted(peaks.items())}
+            r |= {f"rank{r}_over_shard": round(b / 1e9 / shard_gb, 2) for r, b in sorted(peaks.items())}
+            out[f"{allocator}_{name}"] = r | {"wall_s": round(seconds, 1)}
     return out
 
 
@@ -342,7 +353,8 @@ def grad_sync(cfg=GRAD_SYNC_CFG, work="/tmp/neftune_bench_sync", nproc=2, steps=
                  "--batch-size", nproc * micro * micro_batch, "--micro-batch-size", micro_batch, "--max-len", seq_len,
                  "--eval-every", 1000, "--eval-examples", 4, "--save-every", 1000]
         peaks, _, _ = sampled_run(torchrun(nproc, *flags))
-        speeds = sorted(json.loads(line)["tokens_per_s"] for line in (run_dir / "log.jsonl").read_text().splitlines()[1:])
+        steps = (run_dir / "log.jsonl").read_text().splitlines()[1:]  # the first step pays the warm-up
+        speeds = sorted(json.loads(line)["tokens_per_s"] for line in steps)
         out[mode] = {"median_tokens_per_s": speeds[len(speeds) // 2],
                      **{f"rank{r}_peak_rss_anon_gb": round(b / 1e9, 3) for r, b in sorted(peaks.items())}}
     return out

@@ -10,7 +10,6 @@ from pathlib import Path
 from data import render
 from model import Tokenizer
 
-
 WORDS = ("apple river green house music paper stone cloud happy quick light table water blue horse "
          "window garden silver orange yellow summer winter bread chair tiger ocean small bright "
          "road moon star fish bird tree book lamp door").split()
@@ -35,7 +34,8 @@ def builtin_record(rng):
         return "Reverse the order of these words.", " ".join(words), " ".join(reversed(words))
     if task == 4:
         nums = [rng.randint(0, 99) for _ in range(rng.randint(3, 6))]
-        return "Sort these numbers from smallest to largest.", ", ".join(map(str, nums)), ", ".join(map(str, sorted(nums)))
+        return "Sort these numbers from smallest to largest.", ", ".join(map(str, nums)), ", ".join(map(str,
+                                                                                                        sorted(nums)))
     if task == 5:
         word = rng.choice(WORDS)
         letter = rng.choice(sorted(set(word)) + ["e"])

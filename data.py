@@ -43,7 +43,8 @@ def read_json(path):
             try:
                 records += [json.loads(line)] if line.strip() else []
             except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON on line {lineno} (JSONL: one record per line): {e.msg}") from None
+                raise DataError(f"{path}: invalid JSON on line {lineno} (JSONL: one record per line): "
+                                f"{e.msg}") from None
     if not isinstance(records, list):
         raise DataError(f"{path}: expected a JSON list of records or JSONL, got one JSON {type(records).__name__}")
     return records
@@ -63,7 +64,8 @@ def field(record, key, i, path, kind=str):
     if key not in record:
         raise DataError(f"{path}: record {i}: missing field '{key}'")
     if not isinstance(record[key], kind):
-        raise DataError(f"{path}: record {i}: field '{key}' should be a {kind.__name__}, got {type(record[key]).__name__}")
+        got = type(record[key]).__name__
+        raise DataError(f"{path}: record {i}: field '{key}' should be a {kind.__name__}, got {got}")
     return record[key]
 
 
@@ -92,7 +94,8 @@ def normalise(record, fmt, i, path):
         return [{"role": "user", "content": field(record, "instruction", i, path),
                  "input": field(record, "input", i, path) if record.get("input") is not None else ""},
                 {"role": "assistant", "content": field(record, "output", i, path)}]
-    key, role_key, text_key = ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role", "content")
+    key, role_key, text_key = ("conversations", "from", "value") if fmt == "sharegpt" else ("messages", "role",
+                                                                                            "content")
     messages = []
     for j, m in enumerate(field(record, key, i, path, kind=list)):
         if not isinstance(m, dict) or not isinstance(m.get(role_key), str) or not isinstance(m.get(text_key), str):
@@ -120,7 +123,8 @@ def read_format(path, fmt=None):
 ALPACA_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
                 "Write a response that appropriately completes the request.\n\n"
                 "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:")
-ALPACA_NO_INPUT = ("Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+ALPACA_NO_INPUT = ("Below is an instruction that describes a task. "
+                   "Write a response that appropriately completes the request.\n\n"
                    "### Instruction:\n{instruction}\n\n### Response:")
 # Meta's llama/generation.py chat_completion
 B_INST, E_INST = "[INST]", "[/INST]"
@@ -159,7 +163,8 @@ def split_turns(messages):
     rest = messages[system is not None:]
     roles = [m["role"] for m in rest]
     if not rest or roles != [("user", "assistant")[k % 2] for k in range(len(rest))]:
-        raise ValueError(f"expected alternating user/assistant turns starting with user, got {[m['role'] for m in messages]}")
+        roles = [m["role"] for m in messages]
+        raise ValueError(f"expected alternating user/assistant turns starting with user, got {roles}")
     return system, [(rest[k], rest[k + 1]["content"] if k + 1 < len(rest) else None) for k in range(0, len(rest), 2)]
 
 
@@ -187,7 +192,8 @@ def pieces(messages, template):
     elif template == "llama3-chat":
         # <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|> per message; a prompt ends
         # with an open assistant header. Role, "\n\n" and content are encoded apart, as Meta does.
-        header = lambda role: [(START_HEADER, False), (role, False), (END_HEADER, False), ("\n\n", False)]
+        def header(role):
+            return [(START_HEADER, False), (role, False), (END_HEADER, False), ("\n\n", False)]
         out.append((BOS, False))
         if system is not None:
             out += header("system") + [(system.strip(), False), (EOT, False)]
@@ -278,7 +284,8 @@ def tokenize_all(records, tok, template, max_len, source):
         else:
             examples.append({"input_ids": ids, "labels": labels})
     if not examples:
-        raise DataError(f"{source}: no examples left ({len(records)} records, {counts['unanswered']} without an answer, "
+        raise DataError(f"{source}: no examples left ({len(records)} records, "
+                        f"{counts['unanswered']} without an answer, "
                         f"{counts['dropped']} with no response token within max_len {max_len})")
     return examples, counts
 

@@ -184,8 +184,10 @@ def run(argv):
         raise UserError(f"--cutoff must be at least {max(NGRAM_ORDERS)} (4-gram repetition)")
     if args.plot:  # checked before any work, so a typo does not cost a long evaluation
         folder = os.path.dirname(args.plot) or "."
-        problem = ("the file name must end in .png, .pdf or .svg" if not args.plot.lower().endswith((".png", ".pdf", ".svg"))
-                   else f"{folder} is not a writable folder" if not (os.path.isdir(folder) and os.access(folder, os.W_OK))
+        problem = ("the file name must end in .png, .pdf or .svg" if not args.plot.lower().endswith((".png", ".pdf",
+                                                                                                     ".svg"))
+                   else f"{folder} is not a writable folder" if not (os.path.isdir(folder) and os.access(folder,
+                                                                                                         os.W_OK))
                    else "is a folder" if os.path.isdir(args.plot) else None)
         if problem:
             raise UserError(f"--plot {args.plot}: {problem}")

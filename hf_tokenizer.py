@@ -86,7 +86,8 @@ def tiktoken_as_hf(tok):
 
     ranks = read_bpe_ranks(tok.path, tok.path.read_bytes())
     chars = byte_chars()
-    word = lambda token: "".join(chars[b] for b in token)
+    def word(token):
+        return "".join(chars[b] for b in token)
     by_rank = sorted(ranks, key=ranks.get)
     merges = [tuple(map(word, pair)) for pair in (last_merge(t, ranks) for t in by_rank if len(t) > 1) if pair]
     # ignore_merges: a word that is a token comes out whole, as in tiktoken, even where no chain of
@@ -138,7 +139,8 @@ def write_hf_tokenizer(tok, out_dir, model_max_length=None):
     else:
         hf = tiktoken_as_hf(tok)
         hf.save(str(out / "tokenizer.json"))
-    name = lambda i: None if i is None else hf.id_to_token(i)
+    def name(i):
+        return None if i is None else hf.id_to_token(i)
     tokens = {"bos_token": name(tok.bos_id), "eos_token": name(tok.eos_id), "pad_token": name(tok.pad_id)}
     if tok.kind == "sentencepiece":
         tokens["unk_token"] = name(tok.sp.unk_id())

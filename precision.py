@@ -10,7 +10,6 @@ import torch.distributed as dist
 from checkpoint import saved_dtype
 from checks import UserError
 
-
 BF16_MARGIN = 1.3  # bf16 autocast only where its matmul is clearly faster: it adds casts, and CPUs
 # without bf16 units (AVX2 only) run bf16 matmuls ~100x slower than fp32
 

@@ -297,7 +297,8 @@ def run(argv):
     a = p.parse_args(argv)
     check_args(a)
     records = read_prompts(a.prompts)[:a.limit] if a.prompts is not None else None
-    dtype = {"bf16": torch.bfloat16, "fp32": torch.float32}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
+    dtype = {"bf16": torch.bfloat16,
+             "fp32": torch.float32}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
     model, tok = load(a.ckpt, dtype, a.device)
     ids = []
     for i, r in enumerate(records or [{"instruction": a.prompt}]):

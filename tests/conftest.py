@@ -79,7 +79,8 @@ def one_error_line(stderr, prog="train.py"):
     ours = stderr[:end] if "ChildFailedError" in stderr and end >= 0 else stderr
     lines = [line.split("\r")[-1] for line in ours.splitlines()]
     # not torch's C++ or torchrun's logging lines ("[W...", "W1127 ..."), not the progress bar
-    lines = [line for line in lines if line.strip() and "[W" not in line[:4] and not re.match(r" *\d+%\||[EWI]\d{4} ", line)]
+    lines = [line for line in lines if line.strip() and "[W" not in line[:4] and not re.match(r" *\d+%\||[EWI]\d{4} ",
+                                                                                              line)]
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), stderr[-3000:]
     assert stderr.count(f"{prog}: error:") == 1 and "Traceback" not in ours, stderr[-3000:]
     return lines[0].removesuffix(TORCHRUN_NOTE)
@@ -99,7 +100,8 @@ def meta_folder(root, vocab_extra=0, poison=False, n_kv_heads=2):
     text uses, so every loss stays finite. -> (folder, tokenizer, model)"""
     tok = builtin_data.builtin_tokenizer(root / "tokenizer.model", seed=3)
     torch.manual_seed(0)
-    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads, vocab_size=tok.n_words + vocab_extra,
+    m = Transformer(ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=n_kv_heads,
+                              vocab_size=tok.n_words + vocab_extra,
                               multiple_of=32))
     if poison:
         with torch.no_grad():

@@ -14,7 +14,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_bench_tiny_config(tmp_path):
     out = tmp_path / "bench.json"
     cmd = [sys.executable, "bench.py", "--only", "train", "noise", "decode", "--dim", "64", "--n-layers", "2",
-           "--n-heads", "4", "--vocab", "256", "--seq-len", "32", "--batch-size", "2", "--min-time", "0.1", "--noise-rounds", "2",
+           "--n-heads", "4", "--vocab", "256", "--seq-len", "32", "--batch-size", "2", "--min-time", "0.1",
+           "--noise-rounds", "2",
            "--dtypes", "fp32", "--peak-n", "512", "--copy-mb", "64", "--new-tokens", "8", "--nocache-tokens", "8",
            "--decode-batches", "1", "4", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
@@ -28,7 +29,8 @@ def test_bench_tiny_config(tmp_path):
     # MFU is tokens/s x FLOPs/token / peak, and tokens/s is batch x seq / step time
     assert abs(run["tokens_per_s"] - 2 * 32 / run["step_s"]) / run["tokens_per_s"] < 0.01
     # relative: an MFU of a few percent would pass any absolute tolerance of 0.01 (rounding: 4 digits)
-    assert math.isclose(run["mfu"], run["tokens_per_s"] * train["flops_per_token"] / (train["matmul_peak_fp32_tflops"] * 1e12),
+    assert math.isclose(run["mfu"],
+                        run["tokens_per_s"] * train["flops_per_token"] / (train["matmul_peak_fp32_tflops"] * 1e12),
                         rel_tol=0.01, abs_tol=1e-4)
     # 6N + 12 L d T for dim 64, 2 layers, seq 32, vocab 256 (FFN hidden 256: int(2*4*64/3)=170 -> 256)
     n = 2 * 256 * 64 + 2 * (4 * 64 * 64 + 3 * 64 * 256 + 2 * 64) + 64
@@ -39,14 +41,16 @@ def test_bench_tiny_config(tmp_path):
     assert d["n_params"] == n and d["copy_bandwidth_gb_s"] > 0
     assert d["tokens_per_s_batch1"] > 0 and d["tokens_per_s_batch4"] > 0 and d["nocache_tokens_per_s_batch1"] > 0
     assert d["fraction_of_bandwidth_limit_batch1"] > 0  # no upper bound, as for the MFU above
-    assert math.isclose(d["fraction_of_bandwidth_limit_batch1"], d["tokens_per_s_batch1"] / d["bandwidth_limit_tokens_per_s_batch1"],
+    assert math.isclose(d["fraction_of_bandwidth_limit_batch1"],
+                        d["tokens_per_s_batch1"] / d["bandwidth_limit_tokens_per_s_batch1"],
                         rel_tol=0.01)
 
 
 @pytest.mark.slow
 def test_bench_load_tiny_config(tmp_path):
     out, ckpt = tmp_path / "bench.json", tmp_path / "ckpt"
-    cmd = [sys.executable, "bench.py", "--only", "load", "--dim", "128", "--n-layers", "2", "--n-heads", "4", "--vocab", "4096",
+    cmd = [sys.executable, "bench.py", "--only", "load", "--dim", "128", "--n-layers", "2", "--n-heads", "4",
+           "--vocab", "4096",
            "--load-dir", str(ckpt), "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
     r = json.loads(out.read_text())["load"]

@@ -36,7 +36,7 @@ def test_cuda_compiled_generation(dtype):
 @cuda
 def test_cuda_train_bf16_nccl_resume(tmp_path):
     common = ["--out", str(tmp_path / "run"), "--max-steps", "4", "--save-every", "2", "--seed", "3"]
-    losses = lambda: [json.loads(l)["loss"] for l in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    losses = lambda: [json.loads(line)["loss"] for line in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
     r = train_run(common)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.splitlines()[0].startswith("dtype: bf16 (CUDA default")

@@ -40,11 +40,13 @@ def test_alpaca_template_with_and_without_input():
         "Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nAdd the numbers.\n\n### Input:\n3 and 4\n\n### Response: 7</s>")
     assert data.render(ALPACA_NO_IN, "alpaca") == (
-        "<s>Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n"
+        "<s>Below is an instruction that describes a task. "
+        "Write a response that appropriately completes the request.\n\n"
         "### Instruction:\nName a colour.\n\n### Response: Blue.</s>")
     # a system message is ignored; the prompt is one piece, the answer and </s> the trained ones
     assert data.pieces([{"role": "system", "content": "x"}] + ALPACA_NO_IN, "alpaca") == [
-        ("<s>", False), (data.ALPACA_NO_INPUT.format(instruction="Name a colour."), False), ("Blue.", True), ("</s>", True)]
+        ("<s>", False), (data.ALPACA_NO_INPUT.format(instruction="Name a colour."), False), ("Blue.", True), ("</s>",
+                                                                                                              True)]
 
 
 def test_llama2_chat_template_system_and_two_turns():
@@ -123,7 +125,8 @@ def test_prompt_ids_equal_the_training_prefix(tok, template):
         ids, labels, _ = data.tokenize(messages, tok, template)
         prompt = data.prompt_ids(messages[:-1], tok, template)
         assert ids[:len(prompt)] == prompt
-        assert labels[len(prompt) - 1] == data.IGNORE and labels[len(prompt)] != data.IGNORE  # the last answer starts here
+        # the last answer starts here
+        assert labels[len(prompt) - 1] == data.IGNORE and labels[len(prompt)] != data.IGNORE
     with pytest.raises(ValueError):
         data.prompt_ids(CHAT, tok, "vicuna")  # ends with an answer: not a prompt
 
@@ -169,17 +172,21 @@ def test_jsonl_messages_and_sharegpt_cleanup(tmp_path):
             {"from": "chatgpt", "value": "c"}, {"from": "human", "value": "unanswered"}]
     path = write(tmp_path / "sg.json", [{"conversations": conv}, {"conversations": [{"from": "human", "value": "x"}]}])
     # leading answer dropped, repeated user turns merged, trailing question dropped, empty record kept as []
-    assert data.read_format(path)[0] == [[{"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c"}], []]
+    assert data.read_format(path)[0] == [[{"role": "user", "content": "a\n\nb"}, {"role": "assistant",
+                                                                                  "content": "c"}], []]
     alpaca = write(tmp_path / "a.json", [{"instruction": "I", "output": "O"}])  # input may be missing
-    assert data.read_format(alpaca)[0] == [[{"role": "user", "content": "I", "input": ""}, {"role": "assistant", "content": "O"}]]
+    assert data.read_format(alpaca)[0] == [[{"role": "user", "content": "I", "input": ""}, {"role": "assistant",
+                                                                                            "content": "O"}]]
     assert data.read_format(alpaca, fmt="alpaca")[0] == data.read_format(alpaca)[0]
 
 
 def test_load_dataset_default_template_and_skips(tok, tmp_path, capsys):
-    path = write(tmp_path / "sg.json", [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Yo"}]},
+    path = write(tmp_path / "sg.json", [{"conversations": [{"from": "human", "value": "Hi"}, {"from": "gpt",
+                                                                                              "value": "Yo"}]},
                                         {"conversations": [{"from": "human", "value": "alone"}]}])
     examples = data.load_dataset(path, tok)
-    assert examples == [dict(zip(("input_ids", "labels"), data.tokenize(data.read_format(path)[0][0], tok, "vicuna")[:2]))]
+    assert examples == [dict(zip(("input_ids", "labels"), data.tokenize(data.read_format(path)[0][0], tok,
+                                                                        "vicuna")[:2]))]
     assert "1 records without an assistant turn skipped" in capsys.readouterr().err
 
 
@@ -227,7 +234,8 @@ def test_cli_error_is_one_line_exit_2(tmp_path, tok, capsys):
 
 
 def test_cli_statistics(tmp_path, tok, capsys):
-    path = write(tmp_path / "a.json", [{"instruction": r[0]["content"], "input": r[0]["input"], "output": r[1]["content"]}
+    path = write(tmp_path / "a.json", [{"instruction": r[0]["content"], "input": r[0]["input"],
+                                        "output": r[1]["content"]}
                                        for r in builtin_data.builtin_records(seed=3, n=40)])
     assert data.main([str(path), "--tokenizer", str(tok.path), "--batch-size", "4", "--pack"]) == 0
     out = capsys.readouterr().out
@@ -271,7 +279,8 @@ def test_pack_keeps_every_token_once_with_segments_and_positions(tok):
 
 def test_packed_attention_never_crosses_documents(tok):
     torch.manual_seed(0)
-    net = model.Transformer(model.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words, multiple_of=16)).eval()
+    net = model.Transformer(model.ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=tok.n_words,
+                                            multiple_of=16)).eval()
     examples = data.tokenize_records(builtin_data.builtin_records(seed=2, n=7), tok, "alpaca", max_len=128)
     rows = data.pack(examples, seq_len=180)
     assert max(r["segment_ids"][-1] for r in rows) >= 2
@@ -279,7 +288,8 @@ def test_packed_attention_never_crosses_documents(tok):
     assert batch["segment_ids"].shape == batch["positions"].shape == batch["input_ids"].shape
     assert (batch["segment_ids"][~batch["mask"]] == 0).all()
     with torch.no_grad():
-        logits = net(batch["input_ids"], mask=batch["mask"], segment_ids=batch["segment_ids"], positions=batch["positions"])
+        logits = net(batch["input_ids"], mask=batch["mask"], segment_ids=batch["segment_ids"],
+                     positions=batch["positions"])
         checked = 0
         for b, r in enumerate(rows):
             for s in range(1, r["segment_ids"][-1] + 1):
@@ -326,7 +336,8 @@ def check_answer(instruction, inp, output):
 
 def test_builtin_records_deterministic_and_correct(tok):
     records = builtin_data.builtin_records(seed=0, n=500)
-    assert records == builtin_data.builtin_records(seed=0, n=500) and records != builtin_data.builtin_records(seed=1, n=500)
+    assert records == builtin_data.builtin_records(seed=0, n=500) and records != builtin_data.builtin_records(seed=1,
+                                                                                                              n=500)
     for user, answer in records:
         assert check_answer(user["content"], user["input"], answer["content"]), (user, answer)
     assert any(user["input"] for user, _ in records) and any(not user["input"] for user, _ in records)

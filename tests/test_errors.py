@@ -71,7 +71,8 @@ def test_out_that_cannot_be_a_folder(tmp_path, capsys, case):
 ])
 def test_bad_input_under_torchrun_prints_once(tmp_path, args, msg):
     (tmp_path / "a_file").write_text("x")
-    p = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", *[a.format(tmp=tmp_path) for a in args]], nproc=2, check=False)
+    p = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", *[a.format(tmp=tmp_path) for a in args]], nproc=2,
+                  check=False)
     assert p.returncode != 0 and msg in one_error_line(p.stderr)
 
 
@@ -85,19 +86,22 @@ def test_data_error_writes_nothing_and_the_corrected_rerun_starts(tmp_path):
     assert p.returncode == 2 and str(bad) in one_error_line(p.stderr)
     assert not out.exists()
     good = alpaca_file(tmp_path / "good.json", 40)
-    run_train(["--out", str(out), "--data", str(good), "--max-steps", "1", "--batch-size", "8", "--micro-batch-size", "8"])
+    run_train(["--out", str(out), "--data", str(good), "--max-steps", "1", "--batch-size", "8", "--micro-batch-size",
+               "8"])
     assert [r["step"] for r in read_log(out)] == [1] and (out / "final" / "params.json").exists()
     assert not (out / "accuracy.json").exists()  # user data: no checkable answers assumed
 
 
 def test_data_py_bad_batch_size(capsys):
     assert data.main([str(ROOT / "README.md"), "--tokenizer", "x", "--batch-size", "0"]) == 2
-    assert one_error_line(capsys.readouterr().err, "data.py").endswith("--batch-size must be a finite number >= 1, got 0")
+    assert one_error_line(capsys.readouterr().err,
+                          "data.py").endswith("--batch-size must be a finite number >= 1, got 0")
 
 
 def test_params_json_with_a_string_dim(tmp_path, capsys):
     torch.manual_seed(0)
-    save_meta(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=16)), tmp_path / "m", dtype=torch.float32)
+    save_meta(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=50, multiple_of=16)), tmp_path / "m",
+              dtype=torch.float32)
     params = json.loads((tmp_path / "m" / "params.json").read_text())
     (tmp_path / "m" / "params.json").write_text(json.dumps(params | {"dim": "32"}))
     with pytest.raises(CheckpointError, match=r'params.json: "dim" must be an integer, got \'32\''):
@@ -139,7 +143,8 @@ def tiny_ckpt(tmp_path):
 ])
 def test_sample_mistakes_one_line_before_loading(tmp_path, tiny_ckpt, capsys, monkeypatch, args, msg):
     if args[:2] == ["--device", "cuda"] and torch.cuda.is_available():
-        monkeypatch.setattr(torch, "empty", lambda *a, **k: (_ for _ in ()).throw(AssertionError("Torch not compiled with CUDA enabled")))
+        monkeypatch.setattr(torch, "empty", lambda *a,
+                            **k: (_ for _ in ()).throw(AssertionError("Torch not compiled with CUDA enabled")))
     (tmp_path / "exists.json").write_text("[]")
     loads = []
     monkeypatch.setattr(sample.llama, "load_meta", lambda *a, **k: loads.append(1))  # nothing may reach the model
@@ -170,7 +175,9 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
     line = one_error_line(p.stderr)
     assert p.returncode == 2 and "non-finite weights at step 1: not written; no checkpoint was saved" in line
     assert not (out / "final").exists() and checkpoint.checkpoints(out) == []
-    p = run_train(["--init", str(ckpt), "--data", str(train_file), "--out", str(tmp_path / "o2"), "--lr", "0", "--max-steps", "1",
-             "--batch-size", "8", "--micro-batch-size", "8"], check=False)  # no checkpoint on the way: the export refuses
+    p = run_train(["--init", str(ckpt), "--data", str(train_file), "--out", str(tmp_path / "o2"), "--lr", "0",
+                   "--max-steps", "1",
+             "--batch-size", "8", "--micro-batch-size", "8"],
+             check=False)  # no checkpoint on the way: the export refuses
     assert p.returncode == 2 and "non-finite weights at the end of training" in one_error_line(p.stderr)
     assert not (tmp_path / "o2" / "final").exists()

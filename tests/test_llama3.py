@@ -30,7 +30,8 @@ def write_bpe(path, text, vocab_size=384):
     from tiktoken._educational import bpe_train
 
     ranks = bpe_train(text, vocab_size, PAT_STR, visualise=None)
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(), key=lambda x: x[1])))
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in sorted(ranks.items(),
+                                                                                       key=lambda x: x[1])))
     return path
 
 
@@ -67,7 +68,8 @@ def test_tokenizer_ids_follow_meta_layout(llama3):
                                    "<|reserved_special_token_1|>", "<|finetune_right_pad_id|>", "<|step_id|>",
                                    "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>", "<|eot_id|>",
                                    "<|python_tag|>", "<|image|>"]
-    assert SPECIAL_TOKENS[12] == "<|reserved_special_token_2|>" and SPECIAL_TOKENS[-1] == "<|reserved_special_token_245|>"
+    assert SPECIAL_TOKENS[12] == "<|reserved_special_token_2|>"
+    assert SPECIAL_TOKENS[-1] == "<|reserved_special_token_245|>"
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (n_base, n_base + 1, n_base + 4)
     assert tok.stop_ids == [n_base + 1, n_base + 8, n_base + 9] and tok.special_ids == ids
     text = "Héllo wörld 12345, don't PANIC!!\n\n  ok 🙂"
@@ -116,7 +118,7 @@ def test_special_token_text_is_plain_text(llama3):
     ids, labels, _ = data.tokenize(messages, tok, "llama3-chat")
     eot, sh = tok.special_ids["<|eot_id|>"], tok.special_ids["<|start_header_id|>"]
     assert ids.count(eot) == 2 and ids.count(sh) == 2  # one each per message
-    answer = [i for i, l in zip(ids, labels) if l != IGNORE]
+    answer = [i for i, label in zip(ids, labels) if label != IGNORE]
     assert tok.decode(answer) == "<|eot_id|><|start_header_id|>" and answer[-1] == eot
 
 
@@ -167,8 +169,8 @@ def reference_logits(sd, a, tokens, positions, inv_freq):
 
     T = len(tokens)
     h = sd["tok_embeddings.weight"][tokens]
-    for l in range(a.n_layers):
-        p = lambda n: sd[f"layers.{l}.{n}.weight"]
+    for i in range(a.n_layers):
+        p = lambda n: sd[f"layers.{i}.{n}.weight"]
         x = rms(h, p("attention_norm"))
         q = rotary((x @ p("attention.wq").T).view(T, a.n_heads, hd))
         k = rotary((x @ p("attention.wk").T).view(T, a.n_kv_heads, hd)).repeat_interleave(rep, 1)
@@ -192,7 +194,7 @@ def test_logits_match_formula_with_scaled_rope_past_2000(llama3):
     hd = a.dim // a.n_heads
     inv = scaled_inv_freq(hd, a.rope_theta)
     plain = torch.tensor([a.rope_theta ** (-i / hd) for i in range(0, hd, 2)], dtype=torch.float64)
-    assert (inv == plain).any() and (inv == plain / 8).any() and ((inv != plain) & (inv != plain / 8)).any()  # all 3 bands
+    assert (inv == plain).any() and (inv == plain / 8).any() and ((inv != plain) & (inv != plain / 8)).any()  # 3 bands
     with torch.no_grad():
         got = model(tokens[None], positions=positions[None])[0].double()
     want = reference_logits(model.state_dict(), a, tokens, positions, inv)
@@ -201,7 +203,8 @@ def test_logits_match_formula_with_scaled_rope_past_2000(llama3):
     assert (unscaled - want).abs().max() > 100 * (got - want).abs().max()  # the test would see a missing scaling
 
 
-@pytest.mark.parametrize("key, value", [("vision_chunk_size", 560), ("quantization_args", {"scheme": "int4_weight_int8_dynamic_activation"}),
+@pytest.mark.parametrize("key, value", [("vision_chunk_size", 560), ("quantization_args",
+                                                                     {"scheme": "int4_weight_int8_dynamic_activation"}),
                                         ("moe_args", {"num_experts": 16}), ("rope_scaling", {"factor": 32.0}),
                                         ("lora_args", {"rank": 16})])
 def test_params_that_change_the_math_are_refused(llama3, tmp_path, key, value):
@@ -263,7 +266,9 @@ def test_llama3_chat_exact_ids_and_labels(llama3):
     chat = [{"role": "system", "content": " Be brief. "}, {"role": "user", "content": "Hi"},
             {"role": "assistant", "content": "Hello!\n"}, {"role": "user", "content": "What is 2+2?"},
             {"role": "assistant", "content": "It is 4."}]
-    prompt1 = [tok.bos_id] + header("system") + enc("Be brief.") + [S["<|eot_id|>"]] + header("user") + enc("Hi") + [S["<|eot_id|>"]] + header("assistant")
+    eot = [S["<|eot_id|>"]]
+    prompt1 = [tok.bos_id] + header("system") + enc("Be brief.") + eot
+    prompt1 += header("user") + enc("Hi") + eot + header("assistant")
     answer1 = enc("Hello!") + [S["<|eot_id|>"]]
     prompt2 = header("user") + enc("What is 2+2?") + [S["<|eot_id|>"]] + header("assistant")
     answer2 = enc("It is 4.") + [S["<|eot_id|>"]]
@@ -273,15 +278,17 @@ def test_llama3_chat_exact_ids_and_labels(llama3):
     # at generation time: the same prompt, ending with an open assistant header
     assert data.prompt_ids(chat[:4], tok, "llama3-chat") == prompt1 + answer1 + prompt2
     # an Alpaca record: instruction and input form the user message, no system message
-    alpaca = [{"role": "user", "content": "Add the numbers.", "input": "3 and 4"}, {"role": "assistant", "content": "7"}]
+    alpaca = [{"role": "user", "content": "Add the numbers.", "input": "3 and 4"}, {"role": "assistant",
+                                                                                    "content": "7"}]
     ids, labels, _ = data.tokenize(alpaca, tok, "llama3-chat")
-    prompt = [tok.bos_id] + header("user") + enc("Add the numbers.\n\n3 and 4") + [S["<|eot_id|>"]] + header("assistant")
-    assert ids == prompt + enc("7") + [S["<|eot_id|>"]] and labels == [IGNORE] * len(prompt) + enc("7") + [S["<|eot_id|>"]]
+    prompt = [tok.bos_id] + header("user") + enc("Add the numbers.\n\n3 and 4") + eot + header("assistant")
+    assert ids == prompt + enc("7") + eot and labels == [IGNORE] * len(prompt) + enc("7") + eot
 
 
 def test_llama3_chat_reads_sharegpt_and_messages_files(llama3, sp_tokenizer, tmp_path):
     _, tok, _ = llama3
-    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt", "value": "Hello!"}]
+    conv = [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi"}, {"from": "gpt",
+                                                                                         "value": "Hello!"}]
     (tmp_path / "sg.json").write_text(json.dumps([{"conversations": conv}]))
     msgs = [{"role": m, "content": c} for m, c in (("system", "Be brief."), ("user", "Hi"), ("assistant", "Hello!"))]
     (tmp_path / "m.jsonl").write_text(json.dumps({"messages": msgs}) + "\n")
@@ -298,7 +305,8 @@ def test_llama3_chat_reads_sharegpt_and_messages_files(llama3, sp_tokenizer, tmp
 def test_chunked_loss_equals_full_logits_loss_and_gradients(llama3):
     _, tok, _ = llama3
     torch.manual_seed(1)
-    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16, use_scaled_rope=True))
+    model = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16,
+                                  use_scaled_rope=True))
     x = torch.randint(0, tok.n_words, (2, 300))  # 300 positions: chunks of 128, 128 and 43 after the shift
     labels = x.clone()
     labels[0, :40] = IGNORE
@@ -353,7 +361,8 @@ def test_sample_llama3_chat_stops_at_eot(llama3, tmp_path, monkeypatch, capsys):
     # the command line passes every stop id; streamed and --prompts outputs hold the text only
     stops, real = [], sample.generate
     monkeypatch.setattr(sample, "generate", lambda *a, **k: stops.append(k["eos_id"]) or real(*a, **k))
-    assert sample.main(["--ckpt", str(ckpt), "--prompt", "Say hi.", "--template", "llama3-chat", "--max-new-tokens", "6"]) == 0
+    assert sample.main(["--ckpt", str(ckpt), "--prompt", "Say hi.", "--template", "llama3-chat", "--max-new-tokens",
+                        "6"]) == 0
     assert capsys.readouterr().out == "XY\n"
     (tmp_path / "p.json").write_text(json.dumps([{"instruction": "Say hi."}]))
     out = tmp_path / "o.json"
@@ -368,7 +377,8 @@ def test_sample_llama3_chat_stops_at_eot(llama3, tmp_path, monkeypatch, capsys):
 @pytest.mark.slow
 def test_train_init_two_ranks_and_final_round_trip(llama3, tmp_path):
     ckpt, tok, model = llama3
-    msgs = lambda i: {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i} + 1?"},
+    msgs = lambda i: {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user",
+                                                                                "content": f"What is {i} + 1?"},
                                    {"role": "assistant", "content": f"It is {i + 1}. <|eot_id|> is not special."}]}
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(msgs(i)) + "\n" for i in range(16)))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(msgs(i)) + "\n" for i in range(50, 55)))
@@ -393,7 +403,8 @@ def test_train_init_two_ranks_and_final_round_trip(llama3, tmp_path):
     params = json.loads((final / "params.json").read_text())
     assert params["use_scaled_rope"] is True and params["rope_theta"] == 500000.0 and params["n_kv_heads"] == 2
     assert (final / "tokenizer.model").read_bytes() == (ckpt.parent / "tokenizer.model").read_bytes()
-    assert find_tokenizer(final) == final / "tokenizer.model" and Tokenizer(final / "tokenizer.model").kind == "tiktoken"
+    assert find_tokenizer(final) == final / "tokenizer.model"
+    assert Tokenizer(final / "tokenizer.model").kind == "tiktoken"
     back = load_meta(final)
     x, pos = torch.randint(0, tok.n_words, (1, 8)), torch.arange(5000, 5008)[None]
     with torch.no_grad():
@@ -411,9 +422,11 @@ def test_train_tied_checkpoint_stays_tied(llama3, tmp_path):
     recs = [{"instruction": f"What is {i} + 1?", "output": f"It is {i + 1}."} for i in range(20)]
     (tmp_path / "train.json").write_text(json.dumps(recs))
     out = tmp_path / "o"
-    p = subprocess.run([sys.executable, "train.py", "--init", str(d), "--data", str(tmp_path / "train.json"), "--out", str(out),
+    p = subprocess.run([sys.executable, "train.py", "--init", str(d), "--data", str(tmp_path / "train.json"), "--out",
+                        str(out),
                         "--template", "llama3-chat", "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4",
-                        "--lr", "1e-2", "--max-len", "128", "--dtype", "fp32", "--export-dtype", "fp32", "--eval-frac", "0.2"],
+                        "--lr", "1e-2", "--max-len", "128", "--dtype", "fp32", "--export-dtype", "fp32", "--eval-frac",
+                        "0.2"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     final = torch.load(out / "final" / "consolidated.00.pth", weights_only=True)
@@ -427,7 +440,8 @@ def test_train_tied_checkpoint_stays_tied(llama3, tmp_path):
 @pytest.mark.slow
 def test_bench_loss_memory_part(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--only", "loss", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--vocab", "32000",
+    cmd = [sys.executable, "bench.py", "--only", "loss", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--vocab",
+           "32000",
            "--seq-len", "512", "--loss-batch-size", "2", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
     r = json.loads(out.read_text())["loss"]

@@ -38,8 +38,8 @@ def test_step0_is_the_base_model_and_keys_keep_meta_names():
     keys = set(m.state_dict())
     assert set(base.state_dict()) <= keys  # Meta's key names still load into the base
     adapters = keys - set(base.state_dict())
-    assert adapters == {f"layers.{i}.{p}.{n}.{ab}" for i in range(2) for p, names in
-                        (("attention", "wq wk wv wo"), ("feed_forward", "w1 w2 w3")) for n in names.split() for ab in ("lora_a", "lora_b")}
+    linears = [f"attention.{n}" for n in ("wq", "wk", "wv", "wo")] + [f"feed_forward.{n}" for n in ("w1", "w2", "w3")]
+    assert adapters == {f"layers.{i}.{lin}.{ab}" for i in range(2) for lin in linears for ab in ("lora_a", "lora_b")}
     assert {n for n, p in m.named_parameters() if p.requires_grad} == adapters
     for mode in (True, False):  # B = 0: exactly the base, with dropout on or off
         with torch.no_grad():
@@ -86,7 +86,7 @@ def test_side_path_and_merge_against_hand_computed_weights():
 def test_bad_lora_flags_one_line_exit_2(tmp_path, capsys, args, msg):
     out = tmp_path / "o"
     assert train.main(["--out", str(out), *args]) == 2
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.strip()]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and msg in lines[0], lines
     assert not out.exists()  # checked before any work or write
 
@@ -96,7 +96,8 @@ def test_build_model_freezes_the_base_in_the_compute_dtype(tmp_path, dtype):
     # bf16 compute: the frozen base is held in bf16 (no fp32 copy), the adapters in fp32
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        args = train.parse_args(["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--lora-rank", "2", "--lora-targets", "wo", "w1"])
+        args = train.parse_args(["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--lora-rank", "2",
+                                 "--lora-targets", "wo", "w1"])
         mesh = init_device_mesh("cpu", (1,))
         model = train.build_model(args, None, 50, torch.device("cpu"), mesh, dtype)
         for name, p in model.named_parameters():
@@ -111,11 +112,13 @@ def test_build_model_freezes_the_base_in_the_compute_dtype(tmp_path, dtype):
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora")
     ckpt, tok, base = meta_folder(root)
-    recs = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(48)]
+    recs = [{"instruction": f"Add {i} and {i + 1}.", "input": "",
+             "output": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(48)]
     (root / "train.json").write_text(json.dumps(recs))
-    (root / "eval.json").write_text(json.dumps([{"instruction": f"What is {i} + 3?", "output": f"{i + 3}"} for i in range(4)]))
-    flags = ["--init", str(ckpt), "--data", str(root / "train.json"), "--eval-data", str(root / "eval.json"), "--lr", "2e-2",
-             "--lora-rank", str(RANK), "--lora-dropout", "0.1", "--lora-targets", *TARGETS]
+    (root / "eval.json").write_text(json.dumps([{"instruction": f"What is {i} + 3?",
+                                                 "output": f"{i + 3}"} for i in range(4)]))
+    flags = ["--init", str(ckpt), "--data", str(root / "train.json"), "--eval-data", str(root / "eval.json"),
+             "--lr", "2e-2", "--lora-rank", str(RANK), "--lora-dropout", "0.1", "--lora-targets", *TARGETS]
     return root, ckpt, base, flags
 
 
@@ -123,7 +126,8 @@ def setup(tmp_path_factory):
 def ref(setup):
     """2 ranks, 8 steps, checkpoints every 2: the uninterrupted run."""
     root, _, _, flags = setup
-    common = [*flags, "--max-steps", "8", "--batch-size", "8", "--micro-batch-size", "2", "--save-every", "2", "--export-dtype", "fp32"]
+    common = [*flags, "--max-steps", "8", "--batch-size", "8", "--micro-batch-size", "2", "--save-every", "2",
+              "--export-dtype", "fp32"]
     run_train(["--out", str(root / "ref"), *common], nproc=2)
     return root / "ref", common
 
@@ -132,8 +136,10 @@ def ref(setup):
 def test_kill_and_resume_is_exact_on_two_ranks(ref):
     ref_out, common = ref
     out = ref_out.parent / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY, "--out", str(out), *common]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
+           "--out", str(out), *common]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
     deadline = time.time() + 200
     while not (out / "ckpt" / "step_0000002").exists() and p.poll() is None and time.time() < deadline:
         time.sleep(0.01)
@@ -158,7 +164,8 @@ def test_checkpoint_and_optimizer_hold_only_adapters(ref):
     ref_out, _ = ref
     dcp_to_torch_save(checkpoint.checkpoints(ref_out)[-1], ref_out.parent / "last.pt")
     sd = torch.load(ref_out.parent / "last.pt", weights_only=True)
-    want = {f"layers.{i}.{'feed_forward' if t == 'w2' else 'attention'}.{t}.{ab}" for i in range(2) for t in TARGETS for ab in ("lora_a", "lora_b")}
+    want = {f"layers.{i}.{'feed_forward' if t == 'w2' else 'attention'}.{t}.{ab}"
+            for i in range(2) for t in TARGETS for ab in ("lora_a", "lora_b")}
     assert set(sd["model"]) == want  # no frozen base in the checkpoint: it is re-read from --init
     assert set(sd["optim"]["state"]) == want  # AdamW state only for the adapters
     for k in want:
@@ -206,7 +213,8 @@ def test_export_reproduces_the_unmerged_model(setup, ref):
 def test_alpha_sweep_with_lora_and_a_bf16_base(setup):
     root, _, base, flags = setup
     out = root / "sweep"
-    run_train(["--out", str(out), *flags, "--alpha", "0", "5", "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "8",
+    run_train(["--out", str(out), *flags, "--alpha", "0", "5", "--max-steps", "2", "--batch-size", "8",
+               "--micro-batch-size", "8",
          "--dtype", "bf16"])
     assert (out / "sweep.md").exists()
     l0, l5 = read_log(out / "alpha_0")[0], read_log(out / "alpha_5")[0]
@@ -221,9 +229,11 @@ def test_alpha_sweep_with_lora_and_a_bf16_base(setup):
 @pytest.mark.slow
 def test_bench_lora_counts_trainable_parameters(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "bench.py", "--only", "lora", "lora_memory", "--dim", "64", "--n-layers", "2", "--n-heads", "4",
+    subprocess.run([sys.executable, "bench.py", "--only", "lora", "lora_memory", "--dim", "64", "--n-layers", "2",
+                    "--n-heads", "4",
                     "--vocab", "256", "--seq-len", "32", "--batch-size", "2", "--min-time", "0.1", "--lora-rank", "4",
-                    "--lora-micro-batch", "2", "--lora-seq-len", "32", "--out", str(out)], cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+                    "--lora-micro-batch", "2", "--lora-seq-len", "32", "--out", str(out)], cwd=ROOT, env=ENV,
+                    check=True, capture_output=True, timeout=300)
     r = json.loads(out.read_text())
     # dim 64, FFN hidden 256: rank 4 x (in + out) for wq wk wv wo (64 + 64) and w1 w2 w3 (64 + 256), per block
     adapters = 2 * 4 * (4 * 128 + 3 * 320)

@@ -83,7 +83,8 @@ def reference_logits(sd, args, tokens):
         out = torch.einsum("bhqk,bkhd->bqhd", scores.softmax(-1), v).reshape(B, T, H * hd)
         h = h + out @ w["attention.wo.weight"].T
         x = rmsnorm(h, w["ffn_norm.weight"])
-        h = h + (F.silu(x @ w["feed_forward.w1.weight"].T) * (x @ w["feed_forward.w3.weight"].T)) @ w["feed_forward.w2.weight"].T
+        gate, up = F.silu(x @ w["feed_forward.w1.weight"].T), x @ w["feed_forward.w3.weight"].T
+        h = h + (gate * up) @ w["feed_forward.w2.weight"].T
     return rmsnorm(h, sd["norm.weight"]) @ sd["output.weight"].T
 
 

@@ -42,7 +42,8 @@ def test_recipes_by_name_and_implicit_defaults(tmp_path):
     for k, v in train.RECIPES["fig4"].items():
         assert getattr(fig4, k) == v, k
     # an explicit flag beats the recipe, and the recipe beats the implicit one
-    mine = train.parse_args(["--recipe", "fig4", "--dim", "64", "--epochs", "2", "--builtin", "tasks", "--init", str(tmp_path)])
+    mine = train.parse_args(["--recipe", "fig4", "--dim", "64", "--epochs", "2", "--builtin", "tasks", "--init",
+                             str(tmp_path)])
     assert (mine.dim, mine.epochs, mine.builtin, mine.n_layers) == (64, 2, "tasks", train.RECIPES["fig4"]["n_layers"])
     with pytest.raises(train.UserError, match="--builtin-size"):
         train.parse_args(["--builtin-size", "1"])
@@ -52,8 +53,10 @@ def test_recipes_by_name_and_implicit_defaults(tmp_path):
 
 def test_builtin_facts_hold_facts_the_prompt_cannot_give():
     records = builtin_data.builtin_records(seed=5, n=1600, kind="facts")
-    assert records == builtin_data.builtin_records(seed=5, n=1600, kind="facts") != builtin_data.builtin_records(seed=6, n=1600, kind="facts")
-    assert builtin_data.builtin_records(seed=5, n=50) == builtin_data.builtin_records(seed=5, n=50, kind="tasks")  # the default is unchanged
+    made = lambda seed: builtin_data.builtin_records(seed=seed, n=1600, kind="facts")
+    assert records == made(5) != made(6)
+    # the default is unchanged
+    assert builtin_data.builtin_records(seed=5, n=50) == builtin_data.builtin_records(seed=5, n=50, kind="tasks")
     facts = Counter()
     for user, answer in records:
         name = re.fullmatch(r"(?:Who is (\w+)\?|Tell me about (\w+)\.|Describe this person\.)", user["content"])
@@ -80,7 +83,8 @@ def fake_log(seed, steps=12, eval_every=4):
 
 
 def test_plot_curves_draws_the_logged_numbers(tmp_path):
-    runs = [(a, k, fake_log(i)) for i, (a, k) in enumerate([(0.0, "uniform"), (5.0, "uniform"), (5.0, "gaussian"), (15.0, "gaussian")])]
+    runs = [(a, k, fake_log(i)) for i, (a, k) in enumerate([(0.0, "uniform"), (5.0, "uniform"), (5.0, "gaussian"),
+                                                            (15.0, "gaussian")])]
     drawn = plots.plot_curves(runs, tmp_path / "curves.png")
     assert png_size(tmp_path / "curves.png") == FIG_PIXELS
     for i, (alpha, kind, _) in enumerate(runs):
@@ -90,8 +94,8 @@ def test_plot_curves_draws_the_logged_numbers(tmp_path):
     # one colour per alpha, one line style per noise kind
     colour = {a: {drawn[(a, k)]["color"] for aa, k, _ in runs if aa == a} for a, _, _ in runs}
     assert all(len(c) == 1 for c in colour.values()) and len({c.pop() for c in colour.values()}) == 3
-    assert drawn[(5.0, "uniform")]["linestyle"] == drawn[(0.0, "uniform")]["linestyle"] != drawn[(5.0, "gaussian")]["linestyle"]
-    assert drawn[(5.0, "gaussian")]["linestyle"] == drawn[(15.0, "gaussian")]["linestyle"]
+    style = {run: d["linestyle"] for run, d in drawn.items()}
+    assert style[(5.0, "uniform")] == style[(0.0, "uniform")] != style[(5.0, "gaussian")] == style[(15.0, "gaussian")]
 
 
 def test_final_gaps(tmp_path):
@@ -107,7 +111,8 @@ def test_final_gaps(tmp_path):
 def test_train_sweep_writes_curves(tmp_path):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "train.py", "--recipe", "fig4", "--builtin-size", "60", "--dim", "32", "--n-layers", "1",
-           "--batch-size", "8", "--micro-batch-size", "8", "--max-steps", "4", "--eval-every", "2", "--eval-examples", "8",
+           "--batch-size", "8", "--micro-batch-size", "8", "--max-steps", "4", "--eval-every", "2", "--eval-examples",
+           "8",
            "--alpha", "0", "5", "--noise", "uniform", "gaussian", "--out", str(out)]
     p = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore"))
@@ -119,14 +124,15 @@ def test_train_sweep_writes_curves(tmp_path):
     drawn = plots.write_curves(tmp_path, runs)
     for a, k, d in runs:
         logged = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
-        assert drawn[(a, k)]["eval_loss"] == ([2, 4], [r["eval_loss"] for r in logged if r["step"] in (2, 4)])
-        assert drawn[(a, k)]["clean_train_loss"] == ([2, 4], [r["clean_train_loss"] for r in logged if r["step"] in (2, 4)])
+        for metric in ("eval_loss", "clean_train_loss"):
+            assert drawn[(a, k)][metric] == ([2, 4], [r[metric] for r in logged if r["step"] in (2, 4)])
 
 
 # ---------------------------------------------------------------- eval_len.py --plot
 
 def outputs(path, texts):
-    path.write_text(json.dumps([{"instruction": f"q{i}", "output": t, "generator": "m", "dataset": "d"} for i, t in enumerate(texts)]))
+    path.write_text(json.dumps([{"instruction": f"q{i}", "output": t, "generator": "m", "dataset": "d"} for i,
+                                t in enumerate(texts)]))
     return str(path)
 
 
@@ -152,7 +158,8 @@ def test_eval_len_plot_cli(tmp_path):
     for bad, why in ((tmp_path / "missing" / "t4.png", "not a writable folder"), (tmp_path / "t4.txt", "must end in"),
                      (tmp_path / "a.json" / "t4.png", "not a writable folder")):
         p = call(eval_len.main, a, "--plot", bad)
-        assert p.returncode == 2 and p.stdout == "" and why in p.stderr and len(p.stderr.strip().splitlines()) == 1, p.stderr
+        assert p.returncode == 2 and p.stdout == "" and why in p.stderr, p.stderr
+        assert len(p.stderr.strip().splitlines()) == 1, p.stderr
 
 
 def test_plots_cli_gaps_and_spread(tmp_path, capsys):

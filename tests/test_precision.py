@@ -12,7 +12,8 @@ import train
 
 def test_pick_cpu_dtype_needs_a_clear_win():
     f32 = 2e11
-    assert precision.pick_cpu_dtype(f32, 4.4e11) == "bf16"  # CPU with bf16 units (the issue's EPYC: 0.44 vs 0.20 TFLOP/s)
+    assert precision.pick_cpu_dtype(f32,
+                                    4.4e11) == "bf16"  # CPU with bf16 units (the issue's EPYC: 0.44 vs 0.20 TFLOP/s)
     assert precision.pick_cpu_dtype(f32, 1.2e9) == "fp32"  # AVX2 only: bf16 ~100x slower
     assert precision.pick_cpu_dtype(f32, f32 * precision.BF16_MARGIN) == "fp32"  # faster, but not clearly
     assert precision.pick_cpu_dtype(f32, f32 * precision.BF16_MARGIN * 1.01) == "bf16"
@@ -57,7 +58,8 @@ def test_resume_keeps_the_checkpoints_dtype(monkeypatch, tmp_path):
 
 def train_run(args):
     """train.py without TINY's --dtype and --device: the run chooses (test_cuda.py runs it on a GPU too)."""
-    return run_script("train.py", ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--max-len", "64", "--eval-examples",
+    return run_script("train.py", ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--max-len", "64",
+                                   "--eval-examples",
                                    "8", "--eval-every", "100", "--batch-size", "8", "--micro-batch-size", "8", *args],
                       check=False)
 

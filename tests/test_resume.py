@@ -19,7 +19,8 @@ from checks import RunLock
 @pytest.mark.slow
 def test_resume_with_another_shape_and_on_an_empty_folder(tmp_path):
     out = tmp_path / "o"
-    p = run_train(["--out", str(out), "--resume", "--max-steps", "2", "--save-every", "1", "--batch-size", "8", "--micro-batch-size", "8"])
+    p = run_train(["--out", str(out), "--resume", "--max-steps", "2", "--save-every", "1", "--batch-size", "8",
+                   "--micro-batch-size", "8"])
     assert f"--resume: no checkpoint in {out / 'ckpt'}; starting from step 0" in p.stdout + p.stderr
     assert os.stat(out / "final").st_mode & 0o777 == 0o755  # like any folder, not mkdtemp's 0700
     acc = json.loads((out / "accuracy.json").read_text())  # the built-in tasks: exact match, reported
@@ -27,7 +28,8 @@ def test_resume_with_another_shape_and_on_an_empty_folder(tmp_path):
     assert f"{acc['exact_match']:.1%}" in p.stdout + p.stderr
     ckpt = checkpoint.checkpoints(out)[-1]
     for nproc in (1, 2):
-        p = run_train(["--out", str(out), "--resume", "--dim", "32", "--max-steps", "3", "--batch-size", "8", "--micro-batch-size", "4"],
+        p = run_train(["--out", str(out), "--resume", "--dim", "32", "--max-steps", "3", "--batch-size", "8",
+                       "--micro-batch-size", "4"],
                 nproc=nproc, check=False)
         assert p.returncode != 0 and one_error_line(p.stderr).endswith(
             f"{ckpt}: the checkpoint has dim=64 but this run has dim=32 (--dim); resume with the checkpoint's settings")
@@ -40,7 +42,8 @@ def test_a_second_run_on_the_same_out_is_refused_and_a_stale_lock_taken_over(tmp
     (out / RunLock.NAME).write_text(f"{socket.gethostname()} {os.getpid()}")  # this live pytest process holds it
     for nproc in (1, 2):
         p = run_train(["--out", str(out), "--max-steps", "1"], nproc=nproc, check=False)
-        assert p.returncode != 0 and f"another run (pid {os.getpid()} on {socket.gethostname()})" in one_error_line(p.stderr)
+        assert p.returncode != 0
+        assert f"another run (pid {os.getpid()} on {socket.gethostname()})" in one_error_line(p.stderr)
     assert list(out.iterdir()) == [out / RunLock.NAME]
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()  # its pid now names no process
@@ -57,7 +60,8 @@ def test_epochs_and_packing_two_ranks_equal_one(tmp_path, pack):
     # lr 0 keeps the weights fixed, so every difference would be in the data or the noise
     n, steps = (200, 4) if pack else (40, 15)
     train_file, eval_file = alpaca_file(tmp_path / "train.json", n), alpaca_file(tmp_path / "eval.json", 8, seed=1)
-    common = ["--data", str(train_file), "--eval-data", str(eval_file), "--lr", "0", "--epochs", "3", "--batch-size", "8",
+    common = ["--data", str(train_file), "--eval-data", str(eval_file), "--lr", "0", "--epochs", "3", "--batch-size",
+              "8",
               *(["--pack", "--max-steps", str(steps)] if pack else [])]
     run_train(["--out", str(tmp_path / "one"), *common, "--micro-batch-size", "8"])
     run_train(["--out", str(tmp_path / "two"), *common, "--micro-batch-size", "2"], nproc=2)
@@ -115,7 +119,8 @@ def test_ctrl_c_under_torchrun_prints_one_line(tmp_path):
 
 @pytest.mark.slow
 def test_kill_and_resume_is_exact(tmp_path):
-    common = ["--max-steps", "10", "--batch-size", "8", "--micro-batch-size", "4", "--save-every", "2", "--export-dtype", "fp32"]
+    common = ["--max-steps", "10", "--batch-size", "8", "--micro-batch-size", "4", "--save-every", "2",
+              "--export-dtype", "fp32"]
     ref = tmp_path / "ref"
     run_train(["--out", str(ref), *common])
     out = tmp_path / "killed"
@@ -143,7 +148,8 @@ def test_kill_and_resume_is_exact(tmp_path):
 @pytest.mark.slow
 def test_resume_of_a_finished_run_leaves_it_alone(tmp_path):
     out = tmp_path / "o"
-    common = ["--out", str(out), "--max-steps", "3", "--batch-size", "8", "--micro-batch-size", "8", "--save-every", "2"]
+    common = ["--out", str(out), "--max-steps", "3", "--batch-size", "8", "--micro-batch-size", "8", "--save-every",
+              "2"]
     run_train(common)
     before = {p: p.stat().st_mtime_ns for p in (out / "final").iterdir()}
     log_before = (out / "log.jsonl").read_text()

@@ -321,7 +321,8 @@ def test_sampling_at_temperature_half_matches_the_tempered_softmax():
     draws = sample.next_token(logits, seen, 0.5, 1.0, 1.0, torch.Generator().manual_seed(0))
     freq = torch.bincount(draws, minlength=3).double() / n
     # 4 standard errors of a binomial proportion: fails for a wrong temperature (T=1 gives 0.665)
-    assert torch.all((freq - expected.double()).abs() < 4 * (expected * (1 - expected) / n).sqrt().double() + 1e-9), freq
+    se = (expected * (1 - expected) / n).sqrt().double()
+    assert torch.all((freq - expected.double()).abs() < 4 * se + 1e-9), freq
     # the same seeded draw, done independently: multinomial over the sorted tempered distribution
     g = torch.Generator().manual_seed(0)
     ref = torch.multinomial(expected.expand(n, 3).contiguous(), 1, generator=g)[:, 0]  # already sorted descending
@@ -341,7 +342,7 @@ def test_exact_match_answers_on_examples(tmp_path):
              {"role": "assistant", "content": "2"}],
             [{"role": "user", "content": "What is 2 + 2?", "input": ""}, {"role": "assistant", "content": "2 + 2 = 4"}]]
     examples = data.tokenize_records(recs, tok, "alpaca", 128, verbose=False)
-    start = examples[0]["labels"].index(next(l for l in examples[0]["labels"] if l != data.IGNORE))
+    start = examples[0]["labels"].index(next(x for x in examples[0]["labels"] if x != data.IGNORE))
     script = examples[0]["input_ids"][start:]  # "2" then EOS
     assert script[-1] == tok.eos_id and tok.decode(script[:-1]) == "2"
     torch.manual_seed(0)
@@ -350,6 +351,7 @@ def test_exact_match_answers_on_examples(tmp_path):
     m.output.register_forward_hook(lambda mod, inp, out: calls.append(1) or torch.nn.functional.one_hot(
         torch.full(out.shape[:-1], script[min(len(calls), len(script)) - 1]), out.shape[-1]).float())
     r = sample.exact_match_answers(m, tok, examples)
-    assert [a["answer"] for a in r["answers"]] == ["2", "2"] and [a["reference"] for a in r["answers"]] == ["2", "2 + 2 = 4"]
+    assert [a["answer"] for a in r["answers"]] == ["2", "2"] and [a["reference"] for a in r["answers"]] == ["2",
+                                                                                                            "2 + 2 = 4"]
     assert r["exact_match"] == 0.5 and [a["correct"] for a in r["answers"]] == [True, False]
     assert r["answers"][1]["prompt"].endswith("What is 2 + 2?\n\n### Response:")

@@ -21,7 +21,8 @@ from model import ModelArgs, Tokenizer, Transformer, load_meta
 @pytest.fixture(scope="module")
 def one_rank(tmp_path_factory):
     out = tmp_path_factory.mktemp("r1") / "out"
-    run_train(["--out", str(out), "--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "4", "--export-dtype", "fp32"])
+    run_train(["--out", str(out), "--max-steps", "4", "--batch-size", "8", "--micro-batch-size", "4", "--export-dtype",
+               "fp32"])
     return out
 
 
@@ -81,7 +82,8 @@ def test_noise_only_in_training_steps(monkeypatch):
     from contextlib import nullcontext
     model.eval()
     clean = train.forward_loss(model, batch, "cpu", nullcontext(), alpha=5.0)
-    direct = torch.nn.functional.cross_entropy(model(x)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1), reduction="sum")
+    direct = torch.nn.functional.cross_entropy(model(x)[:, :-1].reshape(-1, 50), labels[:, 1:].reshape(-1),
+                                               reduction="sum")
     assert calls == [] and torch.allclose(clean, direct)
     model.train()
     noisy = train.forward_loss(model, batch, "cpu", nullcontext(), alpha=5.0)
@@ -139,8 +141,9 @@ def test_right_padded_batch_needs_no_attention_mask():
 @pytest.mark.slow
 def test_sweep_writes_folders_and_table(tmp_path):
     out = tmp_path / "sweep"
-    run_train(["--out", str(out), "--alpha", "0", "5", "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "8"])
-    rows = [l for l in (out / "sweep.md").read_text().splitlines() if l.startswith("| ") and l[2].isdigit()]
+    run_train(["--out", str(out), "--alpha", "0", "5", "--max-steps", "2", "--batch-size", "8", "--micro-batch-size",
+               "8"])
+    rows = [r for r in (out / "sweep.md").read_text().splitlines() if r.startswith("| ") and r[2].isdigit()]
     assert len(rows) == 2
     for row, a in zip(rows, ("0", "5")):
         last = read_log(out / f"alpha_{a}")[-1]
@@ -163,7 +166,7 @@ def test_sweep_writes_folders_and_table(tmp_path):
 def test_bad_input_one_line_exit_2(tmp_path, args, msg):
     p = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", *args], check=False)
     assert p.returncode == 2, p.stderr
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("train.py: error:") and msg in lines[0], p.stderr
 
 
@@ -192,15 +195,18 @@ def test_refuses_non_empty_out_and_stops_on_nan(tmp_path):
 @pytest.mark.slow
 def test_finetune_meta_checkpoint_with_eval_file(tmp_path):
     ckpt, tok, init = meta_folder(tmp_path)
-    recs = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(40)]
+    recs = [{"instruction": f"Add {i} and {i + 1}.", "input": "",
+             "output": f"{i} + {i + 1} = {2 * i + 1}"} for i in range(40)]
     held = [{"instruction": f"What is {i} + 3?", "output": f"{i} + 3 = {i + 3}"} for i in range(6)]
     (tmp_path / "train.json").write_text(json.dumps(recs))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
     # lr 0: the weights stay those of --init, so the logged clean eval loss must equal the loss of
     # the checkpoint's model on the eval file, computed here directly
-    p = run_train(["--init", str(ckpt), "--data", str(tmp_path / "train.json"), "--eval-data", str(tmp_path / "eval.jsonl"),
-             "--out", str(tmp_path / "o"), "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4", "--lr", "0"])
-    settings = next(l for l in p.stdout.splitlines() + p.stderr.splitlines() if l.startswith("settings:"))
+    p = run_train(["--init", str(ckpt), "--data", str(tmp_path / "train.json"), "--eval-data",
+                   str(tmp_path / "eval.jsonl"),
+             "--out", str(tmp_path / "o"), "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4", "--lr",
+             "0"])
+    settings = next(line for line in p.stdout.splitlines() + p.stderr.splitlines() if line.startswith("settings:"))
     assert "epochs=3 " in settings and "save_every=200 " in settings  # the paper recipe with --init
     examples = data.load_dataset(tmp_path / "eval.jsonl", tok, "alpaca", 128, verbose=False)
     b = data.collate(examples, tok.pad_id)
@@ -216,7 +222,7 @@ def test_tokenizer_that_does_not_match_the_model(tmp_path):
     (tmp_path / "train.json").write_text(json.dumps([{"instruction": "a", "output": "b"}] * 16))
     p = run_train(["--init", str(ckpt), "--data", str(tmp_path / "train.json"), "--out", str(tmp_path / "o"),
              "--batch-size", "8", "--micro-batch-size", "4"], check=False)
-    lines = [l for l in p.stderr.splitlines() if l.strip()]
+    lines = [line for line in p.stderr.splitlines() if line.strip()]
     assert p.returncode == 2 and len(lines) == 1 and "tokenizer.model" in lines[0] and "1008" in lines[0], p.stderr
 
 
