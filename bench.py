@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 import bench_memory
+import fast_decode
 import lora
 from bench_memory import LLAMA2_7B, LOAD_CFG, LOSS_CFG, bench_load, bench_loss, lora_memory
 from model import ModelArgs, Transformer
@@ -228,16 +229,22 @@ def bench_lora(cfg, device, seq_len, batch_size, rounds, rank):
 
 
 def bench_decode1(cfg, device, dtype_names, new_tokens, prompt_len, rounds, copy_mb, profile=False):
-    """Batch-1 decode, eager and compiled (generate(compile=True)), per weight dtype, against the copy-
-    bandwidth limit and against the model's own mat-vecs run alone (what the BLAS allows: if that is
-    near the decode speed, the mat-vec is the wall). Tokens/s = N / time of generate(N tokens), the
-    prompt's prefill included as in bench_decode. Every measurement takes turns within each round,
-    best of the rounds, so a shared machine slows them alike."""
+    """Batch-1 decode per weight dtype: eager; compiled as fast_decode compiles it (on a CPU with its
+    mat-vec and attention decompositions); on a CPU also a plain torch.compile of the same step, the
+    measurement behind those private decompositions; and `auto`, what generate(compile=True) gives
+    (on a CPU the faster of compiled and eager, timed on the first steps). Against the copy-bandwidth
+    limit and the model's own mat-vecs run alone (what the BLAS allows: if that is near the decode
+    speed, the mat-vec is the wall). Tokens/s = N / time of generate(N tokens), the prompt's prefill
+    included. Every measurement takes turns within each round, best of the rounds, so a shared
+    machine slows them alike."""
     args = ModelArgs(**cfg)
     prompt = torch.randint(3, args.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0)).tolist()
     src = torch.ones(copy_mb << 18, device=device)  # copy_mb MiB of fp32
     dst = torch.empty_like(src)
     out = {"config": cfg, "prompt_len": prompt_len, "new_tokens": new_tokens, "threads": torch.get_num_threads()}
+    steps = {"compiled": fast_decode.compiled_step(device)}
+    if device.type == "cpu":  # a wrapper with its own code object: dynamo caches by code, not by backend
+        steps["compiled_plain"] = torch.compile(lambda *a: fast_decode.decode_step(*a), fullgraph=True, dynamic=False)
     for name in dtype_names:
         torch.manual_seed(0)
         with torch.device(device):  # a 7B model is initialised where it runs, not on the host
@@ -245,12 +252,16 @@ def bench_decode1(cfg, device, dtype_names, new_tokens, prompt_len, rounds, copy
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         linears = [m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)]
         xs = {n: torch.randn(1, n, device=device, dtype=DTYPES[name]) for n in {w.shape[1] for w in linears}}
-        t0 = time.perf_counter()
-        generate(model, prompt, 2, compile=True)
-        compile_s = time.perf_counter() - t0
-        fns = {"copy": lambda: dst.copy_(src), "matvecs": lambda: [F.linear(xs[w.shape[1]], w) for w in linears]}
-        for c in (False, True):
-            fns["compiled" if c else "eager"] = lambda c=c: generate(model, prompt, new_tokens, compile=c)
+        fns = {"copy": lambda: dst.copy_(src), "matvecs": lambda: [F.linear(xs[w.shape[1]], w) for w in linears],
+               "eager": lambda: generate(model, prompt, new_tokens),
+               "auto": lambda: generate(model, prompt, new_tokens, compile=True)}
+        for mode, step in steps.items():
+            fns[mode] = lambda step=step: forced_generate(model, prompt, new_tokens, step)
+        compile_s = {}
+        for mode in ("auto", *steps):  # the first calls compile: timed apart
+            t0 = time.perf_counter()
+            fns[mode]()
+            compile_s[mode] = round(time.perf_counter() - t0, 1)
         best = dict.fromkeys(fns, float("inf"))
         with torch.inference_mode():
             for fn in fns.values():  # warm-up
@@ -265,24 +276,40 @@ def bench_decode1(cfg, device, dtype_names, new_tokens, prompt_len, rounds, copy
         limit = 2 * src.numel() * 4 / best["copy"] / weight_bytes
         r = {"weight_gb": round(weight_bytes / 1e9, 3),
              "copy_bandwidth_gb_s": round(2 * src.numel() * 4 / best["copy"] / 1e9, 2),
-             "bandwidth_limit_tokens_per_s": round(limit, 1), "compile_s": round(compile_s, 1),
+             "bandwidth_limit_tokens_per_s": round(limit, 1), "first_call_s": compile_s,
              "matvecs_only_tokens_per_s": round(1 / best["matvecs"], 1),
              "matvecs_gb_s": round(sum(w.numel() * w.element_size() for w in linears) / best["matvecs"] / 1e9, 2)}
-        for mode in ("eager", "compiled"):
+        for mode in ("eager", *steps, "auto"):
             tok_s = new_tokens / best[mode]
             r[f"{mode}_tokens_per_s"] = round(tok_s, 1)
             r[f"{mode}_fraction_of_limit"] = round(tok_s / limit, 3)
         out[name] = r
-        if profile:  # where a compiled step's time goes: expect the BLAS mat-vecs (aten::mm / addmm) on top
+        if profile:  # where a step's time goes: expect the BLAS mat-vecs (aten::mm / addmm) on top
             from torch.profiler import ProfilerActivity
             from torch.profiler import profile as torch_profile
             acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
-            for c in (False, True):
+            for mode in ("eager", *steps):
                 with torch_profile(activities=acts) as prof:
-                    generate(model, prompt, 32, compile=c)
-                print(f"== decode1 profile, {name}, {'compiled' if c else 'eager'}, 32 tokens")
+                    fns[mode]()
+                print(f"== decode1 profile, {name}, {mode}, {new_tokens} tokens")
                 print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))
     return out
+
+
+def forced_generate(model, prompt, n, step):
+    """generate(compile=True) with its decode step fixed to `step` (no CPU timing in between), the
+    static cache set up as in use: for measuring one step."""
+    real = fast_decode.step_function
+
+    def step_function(model, batch_size, cache_len, compile):
+        real(model, batch_size, cache_len, compile)
+        return step
+    fast_decode.step_function = step_function
+    try:
+        return generate(model, prompt, n, compile=True)
+    finally:
+        fast_decode.step_function = real
+
 
 TRAIN_CFG = dict(dim=512, n_layers=8, n_heads=8, vocab_size=32000, multiple_of=256)  # the issue's default config
 DECODE_CFG = dict(dim=768, n_layers=12, n_heads=12, vocab_size=32000, multiple_of=256)  # ~134M parameters

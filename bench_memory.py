@@ -303,6 +303,7 @@ def init_memory(cfg=INIT_CFG, work="/tmp/neftune_bench_init", nproc=2, steps=2, 
     same run for 2 more steps, which re-reads the frozen base."""
     import builtin_data
     work = Path(work)
+    work.mkdir(parents=True, exist_ok=True)
     args = ModelArgs(**cfg)
     ckpt = work / "init"
     if not (ckpt / "consolidated.01.pth").exists():
@@ -342,7 +343,8 @@ def grad_sync(cfg=GRAD_SYNC_CFG, work="/tmp/neftune_bench_sync", nproc=2, steps=
     each micro-batch and keeps 1/world of the gradients; last keeps whole unsharded gradients until
     the step's last micro-batch and reduce-scatters once."""
     work = Path(work)
-    data = alpaca_records(work / "train.json", 400) if not (work / "train.json").exists() else work / "train.json"
+    work.mkdir(parents=True, exist_ok=True)
+    data = alpaca_records(work / "train.json", 400)
     out = {"config": {**cfg, "ranks": nproc, "micro_batches_per_rank": micro, "micro_batch": micro_batch,
                       "seq_len": seq_len}}
     for mode in ("every", "last"):
