@@ -405,6 +405,15 @@ def test_to_meta_keeps_a_tokenizer_json_with_its_config_files(tmp_path):
     assert torch.equal(logits(meta, TOKENS, POSITIONS[1]), logits(m, TOKENS, POSITIONS[1]))
 
 
+def test_model_cli_reads_hf_folders(tmp_path, sp_tok):
+    m = random_model(replace(ARGS, vocab_size=sp_tok.n_words))
+    meta = save_meta(m, tmp_path / "meta", tokenizer_path=sp_tok.path, dtype=torch.float32)
+    folder = hf.save_hf(m, tmp_path / "hf", tokenizer_path=sp_tok.path, dtype=torch.float32)
+    a, b = (call(model.main, d, "--tokens", 4, "--prompt", "Hello") for d in (meta, folder))
+    assert a.returncode == b.returncode == 0, a.stderr + b.stderr
+    assert a.stdout.splitlines()[1:] == b.stdout.splitlines()[1:] and "parameters" in b.stdout
+
+
 # ---- transformers itself ----
 
 def write_bpe(path, text, vocab_size=384):
