@@ -341,6 +341,21 @@ def test_shards_and_index(tmp_path):
     assert torch.equal(logits(hf.load_hf(out), TOKENS, POSITIONS[1]), logits(m, TOKENS, POSITIONS[1]))
 
 
+def test_a_write_that_fails_leaves_the_old_folder_whole(tmp_path, monkeypatch):
+    out = hf.save_hf(random_model(), tmp_path / "hf", dtype=torch.float32)
+    before = {f.name: f.read_bytes() for f in out.iterdir()}
+
+    def crash(path, tensors):
+        path.write_bytes(b"half a file")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf, "write_safetensors", crash)
+    with pytest.raises(KeyboardInterrupt):
+        hf.save_hf(random_model(seed=1), out, dtype=torch.float32)
+    assert {f.name: f.read_bytes() for f in out.iterdir()} == before
+    assert [f.name for f in tmp_path.iterdir()] == ["hf"]  # no temporary folder left behind
+
+
 @pytest.fixture(scope="module")
 def sp_tok(tmp_path_factory):
     return builtin_data.builtin_tokenizer(tmp_path_factory.mktemp("sp") / "tokenizer.model", vocab_size=400)
