@@ -399,9 +399,14 @@ def meta_params(args):
     return params
 
 
+# The files beside a tokenizer.json that set its BOS, EOS, pad and stop ids (tokenizer.hf_special_ids)
+TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
 def write_meta(state, args, out_dir, tokenizer_path=None):
-    """params.json + consolidated.00.pth (Meta's key names, one shard) [+ tokenizer.model] into a
-    temporary folder renamed into place: a crash never leaves a half-written checkpoint."""
+    """params.json + consolidated.00.pth (Meta's key names, one shard) [+ the tokenizer] into a
+    temporary folder renamed into place: a crash never leaves a half-written checkpoint. A tokenizer.json
+    keeps its name and comes with its config files: copied alone it would lose its EOS and stop ids."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "params.json").exists():
         raise CheckpointError(f"{out_dir}: exists and is not a checkpoint folder; refusing to replace it")
@@ -410,7 +415,11 @@ def write_meta(state, args, out_dir, tokenizer_path=None):
         (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")
         if tokenizer_path is not None:
-            shutil.copyfile(tokenizer_path, tmp / "tokenizer.model")
+            is_json = Tokenizer(tokenizer_path).kind == "hf"
+            shutil.copyfile(tokenizer_path, tmp / ("tokenizer.json" if is_json else "tokenizer.model"))
+            for src in (Path(tokenizer_path).with_name(name) for name in TOKENIZER_CONFIG_FILES if is_json):
+                if src.is_file():
+                    shutil.copyfile(src, tmp / src.name)
     return out_dir
 
 
@@ -431,10 +440,14 @@ def run(argv):
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens to generate (no cache: a quick check)")
     a = p.parse_args(argv)
     number("--tokens", a.tokens, lo=1)
-    model = load_meta(a.ckpt_dir)
+    if is_hf_folder(a.ckpt_dir):
+        import hf  # here, not at the top: hf.py imports this file
+        model = hf.load_hf(a.ckpt_dir)
+    else:
+        model = load_meta(a.ckpt_dir)
     tok_path = find_tokenizer(a.ckpt_dir)
     if tok_path is None:
-        raise CheckpointError(f"{a.ckpt_dir}: no tokenizer.model beside the weights or one level up")
+        raise CheckpointError(f"{a.ckpt_dir}: no tokenizer.model or tokenizer.json beside the weights or one level up")
     tok = Tokenizer(tok_path)
     print(f"{a.ckpt_dir}: {model.num_params() / 1e6:.1f}M parameters, {model.args}")
     ids = tok.encode(a.prompt)
