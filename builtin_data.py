@@ -3,10 +3,10 @@ checkable answers ("tasks", the default demo), invented people's facts that no p
 ("facts", Figure 4 on a CPU), and a small SentencePiece tokenizer in LLaMA's layout trained on them.
 """
 import io
-import os
 import random
 from pathlib import Path
 
+from checks import atomic
 from data import render
 from model import Tokenizer
 
@@ -91,7 +91,6 @@ def builtin_tokenizer(path, seed=0, vocab_size=1000, kind="tasks"):
         input_sentence_size=0, shuffle_input_sentence=False, minloglevel=2)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(model.getvalue())
-    os.replace(tmp, path)  # a crash never leaves a half-written tokenizer behind
+    with atomic(path) as tmp:  # a crash never leaves a half-written tokenizer behind
+        tmp.write_bytes(model.getvalue())
     return Tokenizer(path)

@@ -10,7 +10,7 @@ import shutil
 from pathlib import Path
 
 from checks import CheckpointError
-from tokenizer import PAT_STR, SPECIAL_TOKENS, read_bpe_ranks
+from tokenizer import PAT_STR, SPECIAL_TOKENS, copy_tokenizer, read_bpe_ranks
 
 
 def sentencepiece_merges(sp, normal):
@@ -124,10 +124,7 @@ def write_hf_tokenizer(tok, out_dir, model_max_length=None):
     if not out.is_dir():
         raise CheckpointError(f"{out}: not a folder (write_hf_tokenizer writes into an existing one)")
     if tok.kind == "hf":
-        names = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
-        for src in (tok.path.with_name(name) for name in names):
-            if src.is_file() and src.resolve() != (out / src.name).resolve():
-                shutil.copyfile(src, out / src.name)
+        copy_tokenizer(tok.path, out)
         if (out / "tokenizer_config.json").is_file():
             return
         hf = tok.hf

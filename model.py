@@ -8,7 +8,6 @@ cache, Attention (GQA), FeedForward (SwiGLU), the Transformer; then Meta's forma
 """
 import json
 import math
-import shutil
 import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from checks import ArgumentParser, CheckpointError, atomic, number, run_main
-from tokenizer import Tokenizer, find_tokenizer  # noqa: F401 (re-exported: `from model import Tokenizer`)
+from tokenizer import Tokenizer, copy_tokenizer, find_tokenizer  # noqa: F401 (`from model import Tokenizer`)
 
 META_ROPE_SCALING = dict(rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                          rope_original_context=8192)  # apply_scaling's constants in Meta's llama-models
@@ -399,14 +398,9 @@ def meta_params(args):
     return params
 
 
-# The files beside a tokenizer.json that set its BOS, EOS, pad and stop ids (tokenizer.hf_special_ids)
-TOKENIZER_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
-
-
 def write_meta(state, args, out_dir, tokenizer_path=None):
     """params.json + consolidated.00.pth (Meta's key names, one shard) [+ the tokenizer] into a
-    temporary folder renamed into place: a crash never leaves a half-written checkpoint. A tokenizer.json
-    keeps its name and comes with its config files: copied alone it would lose its EOS and stop ids."""
+    temporary folder renamed into place: a crash never leaves a half-written checkpoint."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "params.json").exists():
         raise CheckpointError(f"{out_dir}: exists and is not a checkpoint folder; refusing to replace it")
@@ -415,11 +409,7 @@ def write_meta(state, args, out_dir, tokenizer_path=None):
         (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")
         if tokenizer_path is not None:
-            is_json = Tokenizer(tokenizer_path).kind == "hf"
-            shutil.copyfile(tokenizer_path, tmp / ("tokenizer.json" if is_json else "tokenizer.model"))
-            for src in (Path(tokenizer_path).with_name(name) for name in TOKENIZER_CONFIG_FILES if is_json):
-                if src.is_file():
-                    shutil.copyfile(src, tmp / src.name)
+            copy_tokenizer(tokenizer_path, tmp)
     return out_dir
 
 

@@ -41,8 +41,8 @@ def recipes_table():
 
 
 def parse_args(argv=None):
-    p = ArgumentParser(prog="train.py", description=__doc__.split("\n\n")[0], epilog=recipes_table(),
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = ArgumentParser(prog="train.py", description="Instruction finetuning with NEFTune, under torchrun or "
+                       "plain python.", epilog=recipes_table(), formatter_class=argparse.RawDescriptionHelpFormatter)
     add = p.add_argument
     add("--out", default="out", help="run folder: log.jsonl, ckpt/, final/, curves.png (default: out)")
     add("--alpha", type=float, nargs="+", default=[5.0], help="NEFTune alpha; 0 = no noise; several = a sweep "

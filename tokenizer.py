@@ -9,6 +9,7 @@ import base64
 import binascii
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -229,6 +230,21 @@ class Tokenizer:
             return self.sp.decode(ids)  # control pieces (<s>, </s>) decode to nothing
         # as SentencePiece does with its control pieces: no control-token text in the output
         return self.tiktoken.decode([i for i in ids if i < self.n_base])
+
+
+# A tokenizer.json's BOS, EOS, pad and stop ids come from the files beside it (hf_special_ids)
+HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+
+
+def copy_tokenizer(path, folder):
+    """Copy a tokenizer file into `folder` under the name find_tokenizer looks for: tokenizer.model, or
+    tokenizer.json with the config files beside it (copied alone it would lose its EOS and stop ids)."""
+    path, folder = Path(path), Path(folder)
+    is_json = Tokenizer(path).kind == "hf"
+    for src in [path, *(path.with_name(name) for name in HF_CONFIG_FILES if is_json)]:
+        dst = folder / ("tokenizer.json" if src == path and is_json else "tokenizer.model" if src == path else src.name)
+        if src.is_file() and src.resolve() != dst.resolve():
+            shutil.copyfile(src, dst)
 
 
 def find_tokenizer(ckpt_dir):

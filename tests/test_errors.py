@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import ROOT, TINY, alpaca_file, meta_folder, one_error_line, read_log, run_train
+from conftest import ROOT, TINY, TORCHRUN_NOTE, alpaca_file, meta_folder, one_error_line, read_log, run_train
 
 import builtin_data
 import checkpoint
@@ -74,6 +74,10 @@ def test_bad_input_under_torchrun_prints_once(tmp_path, args, msg):
     p = run_train(["--out", str(tmp_path / "o"), "--max-steps", "1", *[a.format(tmp=tmp_path) for a in args]], nproc=2,
                   check=False)
     assert p.returncode != 0 and msg in one_error_line(p.stderr)
+    # the line comes first, says torchrun's report follows, and the report does (torchrun exits 1)
+    ours = p.stderr.index("train.py: error:")
+    assert p.stderr[ours:].splitlines()[0].endswith(TORCHRUN_NOTE) and p.returncode == 1
+    assert ours < p.stderr.index("ChildFailedError")
 
 
 @pytest.mark.slow
