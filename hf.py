@@ -248,6 +248,13 @@ def load_hf(folder, dtype=None, device="cpu"):
     return llama.build(*hf_weights(folder), dtype=dtype, device=device, tok_dir=folder)
 
 
+def load_any(folder, dtype=None, device="cpu"):
+    """A Meta folder (params.json) or an HF one (config.json) -> Transformer: what sample.py --ckpt and
+    python model.py take."""
+    load = load_hf if llama.is_hf_folder(folder) else llama.load_meta
+    return load(folder, dtype=dtype, device=device)
+
+
 # ----------------------------------------------------------------------------- writing
 
 def hf_config(args, tied, dtype, tok):
@@ -364,9 +371,7 @@ def save_hf(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
 
 def full_state(src, read):
     """(every weight read whole, args, tokenizer file) of a folder, the tokenizer checked against the embedding."""
-    tok_path = llama.find_tokenizer(src)
-    if tok_path is None:
-        raise UserError(f"{src}: no tokenizer.model or tokenizer.json beside the weights (or one level up)")
+    tok_path = llama.find_tokenizer(src, required=True)
     args, weights, tied = read(src)
     n_words = Tokenizer(tok_path).n_words
     if n_words != args.vocab_size:

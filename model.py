@@ -430,15 +430,9 @@ def run(argv):
     p.add_argument("--tokens", type=int, default=16, help="greedy tokens to generate (no cache: a quick check)")
     a = p.parse_args(argv)
     number("--tokens", a.tokens, lo=1)
-    if is_hf_folder(a.ckpt_dir):
-        import hf  # here, not at the top: hf.py imports this file
-        model = hf.load_hf(a.ckpt_dir)
-    else:
-        model = load_meta(a.ckpt_dir)
-    tok_path = find_tokenizer(a.ckpt_dir)
-    if tok_path is None:
-        raise CheckpointError(f"{a.ckpt_dir}: no tokenizer.model or tokenizer.json beside the weights or one level up")
-    tok = Tokenizer(tok_path)
+    import hf  # here, not at the top: hf.py imports this file
+    model = hf.load_any(a.ckpt_dir)
+    tok = Tokenizer(find_tokenizer(a.ckpt_dir, required=True))
     print(f"{a.ckpt_dir}: {model.num_params() / 1e6:.1f}M parameters, {model.args}")
     ids = tok.encode(a.prompt)
     for _ in range(a.tokens):

@@ -12,8 +12,9 @@ from tqdm import tqdm
 
 import data
 import fast_decode
+import hf
 import model as llama
-from checks import ArgumentParser, CheckpointError, DataError, UserError, atomic, number, run_main, writable_file
+from checks import ArgumentParser, DataError, UserError, atomic, number, run_main, writable_file
 
 # The paper's generation settings (the authors' eval_generate.py calls HF generate with do_sample=False,
 # repetition_penalty=1.2, max_length=1024): greedy, penalty 1.2, 1024 tokens counting the prompt.
@@ -235,15 +236,7 @@ def write_json_atomic(path, obj):
 
 def load(ckpt, dtype, device):
     """A Meta folder (params.json) or a Hugging Face one (config.json) -> (model, tokenizer)."""
-    if llama.is_hf_folder(ckpt):
-        import hf  # safetensors and tokenizers only for HF folders
-        model = hf.load_hf(ckpt, dtype=dtype, device=device)
-    else:
-        model = llama.load_meta(ckpt, dtype=dtype, device=device)
-    tok_path = llama.find_tokenizer(ckpt)
-    if tok_path is None:
-        raise CheckpointError(f"{ckpt}: no tokenizer.model or tokenizer.json beside the weights or one level up")
-    return model, llama.Tokenizer(tok_path)
+    return hf.load_any(ckpt, dtype=dtype, device=device), llama.Tokenizer(llama.find_tokenizer(ckpt, required=True))
 
 
 def check_args(a):

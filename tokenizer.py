@@ -247,7 +247,7 @@ def copy_tokenizer(path, folder):
             shutil.copyfile(src, dst)
 
 
-def find_tokenizer(ckpt_dir):
+def find_tokenizer(ckpt_dir, required=False):
     """Meta's download puts tokenizer.model one level above the size folders; ours beside the weights.
     A Hugging Face folder (it has config.json) reads its tokenizer.json first: that is the file
     transformers uses, and the only one that holds tokens added after training the SentencePiece model."""
@@ -256,7 +256,10 @@ def find_tokenizer(ckpt_dir):
         candidates = (d / "tokenizer.json", d / "tokenizer.model")
     else:
         candidates = (d / "tokenizer.model", d.parent / "tokenizer.model", d / "tokenizer.json")
-    return next((p for p in candidates if p.is_file()), None)
+    found = next((p for p in candidates if p.is_file()), None)
+    if found is None and required:
+        raise CheckpointError(f"{ckpt_dir}: no tokenizer.model or tokenizer.json beside the weights or one level up")
+    return found
 
 
 def run(argv):

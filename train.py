@@ -81,9 +81,7 @@ def all_sum(*xs, device):
 def build_data(args, tok_dir, verbose):
     """Tokenizer, train examples, fixed clean-loss subsets. Every rank builds the same lists."""
     if args.init:
-        tok_path = find_tokenizer(args.init)
-        if tok_path is None:
-            raise UserError(f"{args.init}: no tokenizer.model or tokenizer.json beside the weights or one level up")
+        tok_path = find_tokenizer(args.init, required=True)
     else:
         # Trained by each process into a private temporary folder (byte-identical for a seed, and
         # shared by the runs of a sweep), so nothing is written into --out before the data is checked.
