@@ -46,9 +46,8 @@ class ModelArgs:  # the fields of Meta's params.json, one to one, then the few t
 
     @classmethod
     def from_dict(cls, d, source="params.json"):
-        """Any other key could change the math (vision_*, quantization_args, moe_args, lora_args, a
-        rope_scaling dict, ...) and silently wrong logits are the one outcome not allowed: refused.
-        Only keys that change nothing are ignored: max_batch_size, or a key whose value is null."""
+        """Another key could change the math (vision_*, moe_args, lora_args, ...): refused, since silently
+        wrong logits are the one outcome not allowed. Ignored: max_batch_size and keys set to null."""
         known = {f.name for f in fields(cls)}
         for k in sorted(set(d) - known - {"max_batch_size"}):  # max_batch_size: Meta's generation setting
             if d[k] is not None:
@@ -181,11 +180,9 @@ class TransformerBlock(nn.Module):
 
 
 def attention_mask(T, mask=None, segment_ids=None, cache_pos=None, cache_len=None):
-    """None where plain causal attention is right (SDPA's fast kernels), else a (B, 1, T, keys) bool
-    mask, True where query i may see key j: j is not later than i, is a real token (mask: (B, keys),
-    True at real tokens) and is in i's document (segment_ids: (B, T), packed rows). With a KV cache
-    the keys are the cache's slots and the queries sit at slots cache_pos. Every query sees itself,
-    so a padding row is never all-masked (NaN)."""
+    """None where causal attention is right (SDPA's fast kernels), else a (B, 1, T, keys) bool mask: key
+    j is not after query i, is a real token (mask) and in i's document (segment_ids). With a KV cache
+    the keys are its slots, the queries at cache_pos. Every query sees itself: no all-masked row (NaN)."""
     if cache_pos is None and mask is None and segment_ids is None:
         return None
     q = torch.arange(T, device=(mask if mask is not None else segment_ids).device) if cache_pos is None else cache_pos
@@ -216,15 +213,12 @@ class Transformer(nn.Module):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=None, head=None):
-        """tokens (B, T) -> logits (B, T, vocab).
-        noise: (B, T, dim), added to the token embeddings before the first block: NEFTune's noise
-        (train.py draws it with noise.neftune_noise; inside forward, so FSDP gathers the embedding).
-        mask: (B, keys) bool, True at real tokens, for left-padded batches (generation); a right-padded
-        training batch needs none, causal attention never looks right. positions: (B, T) RoPE positions
-        (default 0..T-1, or the cache slots); packed rows restart them per document, with segment_ids.
-        cache_pos: (T,) the KV-cache slots these tokens go to, while generating (setup_cache).
-        head(h, output) replaces the output layer on the final normed states h: train.py computes the
-        loss there, chunk by chunk, so (B, T, vocab) logits never exist whole."""
+        """tokens (B, T) -> logits (B, T, vocab). noise (B, T, dim): NEFTune's, added to the token
+        embeddings (train.py draws it; added here, inside forward, so that FSDP gathers the embedding).
+        mask (B, keys): True at real tokens, for left-padded batches (generation). positions (B, T):
+        RoPE positions (default 0..T-1 or the cache slots); packed rows restart them per document,
+        with segment_ids. cache_pos (T,): the KV-cache slots of these tokens while generating.
+        head(h, output) replaces the output layer: train.py computes the loss there, chunk by chunk."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
             h = h + noise.to(h.dtype)
@@ -239,9 +233,8 @@ class Transformer(nn.Module):
         return self.output(self.norm(h)) if head is None else head(self.norm(h), self.output)
 
     def setup_cache(self, batch_size, max_len):
-        """One static cache per layer, in the weights' dtype and device. The cache of the same shape
-        is kept and cleared (a compiled step is built for its very buffers); another shape replaces
-        it, so only the current shape's cache is ever held."""
+        """One static cache per layer, in the weights' dtype. A cache of this shape is kept and zeroed
+        (a compiled step is built for its very buffers); another shape replaces it."""
         p, a = self.output.weight, self.layers[0].attention
         shape = (batch_size, a.n_kv_heads, max_len, a.head_dim)
         if a.cache is not None and a.cache.k.shape == shape and a.cache.k.dtype == p.dtype:
@@ -385,10 +378,9 @@ def load_meta(ckpt_dir, dtype=None, device="cpu"):
 
 
 def meta_params(args):
-    """params.json as Meta's own files have it. Meta's ModelArgs(max_seq_len=..., **params) fails on a
-    duplicate max_seq_len, LLaMA-1/2's code knows no rope_theta or use_scaled_rope: only what differs
-    from those defaults is written. RoPE scaling numbers other than Meta's, a head_dim or hidden_dim
-    (from HF configs) are written as extra keys that load_meta reads back and Meta's code does not know."""
+    """params.json as Meta's files have it: no max_seq_len (Meta's ModelArgs(max_seq_len=..., **params)
+    would fail on it), rope_theta and use_scaled_rope only where LLaMA-1/2's code would differ. HF's
+    RoPE numbers, head_dim or hidden_dim are extra keys that load_meta reads and Meta's code does not."""
     d, default = asdict(args), asdict(ModelArgs())
     keep = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps"}
     params = {k: v for k, v in d.items() if k in keep and v is not None}
