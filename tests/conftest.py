@@ -7,8 +7,10 @@ import io
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +64,19 @@ def call(main, *args):
 def run_train(args, nproc=1, check=True, **kw):
     """train.py with the TINY settings first (later flags override them)."""
     return run_script("train.py", [*TINY, *args], nproc, check, **kw)
+
+
+def kill_at_checkpoint(script_args, out, nproc=1, step=2):
+    """Start `script_args` (train.py and its flags) in a session of its own, and kill -9 it (torchrun
+    and every worker at once) as soon as OUT/ckpt/step_<step> exists: a crash with no chance to clean up."""
+    p = subprocess.Popen(command(script_args[0], script_args[1:], nproc), cwd=ROOT, env=ENV, start_new_session=True,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 200
+    while not (Path(out) / "ckpt" / f"step_{step:07d}").exists() and p.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
 def read_log(out):

@@ -5,18 +5,23 @@ safetensors; transformers itself where it is installed; train.py --init / --expo
 import base64
 import json
 import math
-import os
-import signal
-import subprocess
-import sys
-import time
 from dataclasses import replace
 
 import pytest
 import safetensors
 import torch
 import torch.nn.functional as F
-from conftest import ENV, ROOT, TINY, alpaca_file, call, losses, meta_folder, one_error_line, read_log, run_train
+from conftest import (
+    TINY,
+    alpaca_file,
+    call,
+    kill_at_checkpoint,
+    losses,
+    meta_folder,
+    one_error_line,
+    read_log,
+    run_train,
+)
 from safetensors.torch import load_file, save_file
 
 import builtin_data
@@ -575,16 +580,7 @@ def runs(tmp_path_factory):
              "--export-hf", "--export-dtype", "fp32"]
     run_train(["--init", meta, "--out", root / "ref", *flags], nproc=2)
     out = root / "resumed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py",
-           "--init", str(folder), "--out", str(out), *map(str, flags)]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    deadline = time.time() + 200
-    while not (out / "ckpt" / "step_0000002").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(p.pid, signal.SIGKILL)  # kill -9 torchrun and both ranks at once
-    p.wait()
-    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint(["train.py", "--init", folder, "--out", out, *flags], out, nproc=2)
     run_train(["--init", folder, "--out", out, "--resume", *flags], nproc=2)
     return root, m, tok
 

@@ -2,16 +2,13 @@
 and checkpoints, kill -9 and resume on 2 ranks, the merged export against the unmerged model, bad flags."""
 import copy
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-from conftest import ENV, ROOT, TINY, losses, meta_folder, read_log, run_train
+from conftest import ENV, ROOT, TINY, kill_at_checkpoint, losses, meta_folder, read_log, run_train
 from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 from torch.distributed.device_mesh import init_device_mesh
 
@@ -136,16 +133,7 @@ def ref(setup):
 def test_kill_and_resume_is_exact_on_two_ranks(ref):
     ref_out, common = ref
     out = ref_out.parent / "killed"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "train.py", *TINY,
-           "--out", str(out), *common]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    deadline = time.time() + 200
-    while not (out / "ckpt" / "step_0000002").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    os.killpg(p.pid, signal.SIGKILL)  # kill -9 torchrun and both ranks at once
-    p.wait()
-    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint(["train.py", *TINY, "--out", out, *common], out, nproc=2)  # torchrun and both ranks
     assert not (out / "final").exists()
     run_train(["--out", str(out), "--resume", *common], nproc=2)
     assert losses(out) == losses(ref_out)  # bit-identical, dropout included

@@ -10,7 +10,7 @@ import time
 
 import pytest
 import torch
-from conftest import ENV, ROOT, TINY, alpaca_file, losses, one_error_line, read_log, run_train
+from conftest import ENV, ROOT, TINY, alpaca_file, kill_at_checkpoint, losses, one_error_line, read_log, run_train
 
 import checkpoint
 from checks import RunLock
@@ -124,14 +124,7 @@ def test_kill_and_resume_is_exact(tmp_path):
     ref = tmp_path / "ref"
     run_train(["--out", str(ref), *common])
     out = tmp_path / "killed"
-    p = subprocess.Popen([sys.executable, "train.py", *TINY, "--out", str(out), *common], cwd=ROOT, env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 120
-    while not (out / "ckpt" / "step_0000002").exists() and p.poll() is None and time.time() < deadline:
-        time.sleep(0.01)
-    p.send_signal(signal.SIGKILL)  # kill -9: no chance to clean up
-    p.wait()
-    assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    kill_at_checkpoint(["train.py", *TINY, "--out", out, *common], out)
     assert not (out / "final").exists()
     newest = checkpoint.checkpoints(out)[-1]
     step = int(newest.name.split("_")[1])
