@@ -136,7 +136,10 @@ class RunLock:
 
     def acquire(self):
         self.made_folder = not self.path.parent.exists()
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:  # the run's first write: a folder the checks let through can still be refused here
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.path.parent}: --out cannot be created ({e.strerror or e})") from None
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

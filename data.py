@@ -15,8 +15,7 @@ from model import Tokenizer
 IGNORE = -100  # the label F.cross_entropy skips (its default ignore_index)
 FORMATS = ("alpaca", "sharegpt", "messages")
 TEMPLATES = ("alpaca", "llama2-chat", "vicuna", "llama3-chat", "chatml")
-# ShareGPT "from" values. The FastChat demo file has only human/gpt; raw ShareGPT dumps also name
-# the assistant after the site it came from (chatgpt, bing, bard).
+# ShareGPT "from" values: FastChat's demo file has human/gpt, raw dumps name the site (chatgpt, bing, bard)
 ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
          "chatgpt": "assistant", "bing": "assistant", "bard": "assistant"}
 
@@ -107,7 +106,7 @@ def normalise(record, fmt, i, path):
     return normalise_chat(messages, i, path)
 
 
-def read_format(path, fmt=None):
+def read_format(path, fmt=None):  # -> (records as normalised chats, the format)
     raw = read_json(path)
     if not raw:
         raise DataError(f"{path}: empty dataset (no records)")
@@ -357,25 +356,22 @@ def pack(examples, seq_len):
 def padding_fraction(examples, batch_size):
     """Pad tokens / all tokens when consecutive examples are collated batch_size at a time."""
     lengths = [len(x["input_ids"]) for x in examples]
-    batches = [lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)]
-    total = sum(len(b) * max(b) for b in batches)
+    total = sum(len(b) * max(b) for b in (lengths[i:i + batch_size] for i in range(0, len(lengths), batch_size)))
     return 1 - sum(lengths) / total if total else 0.0
 
 
-# ---------------------------------------------------------------- statistics
-
-def run(argv):
+def run(argv):  # the command line: the statistics of a dataset
     p = ArgumentParser(prog="data.py", description="Statistics of an instruction dataset as train.py would see it.")
     p.add_argument("file", help="Alpaca, ShareGPT or messages records, JSON or JSONL")
-    p.add_argument("--tokenizer", required=True, help="tokenizer.model (SentencePiece, or LLaMA-3's tiktoken BPE)")
+    p.add_argument("--tokenizer", required=True, help="tokenizer.model (SentencePiece or LLaMA-3's) or tokenizer.json")
     p.add_argument("--template", choices=TEMPLATES, help="default: alpaca for alpaca data, else vicuna")
     p.add_argument("--format", choices=FORMATS, help="default: detected from the records' keys")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example; longer ones are truncated")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch size for the padding fraction")
     p.add_argument("--pack", action="store_true", help="also describe the packed rows")
     a = p.parse_args(argv)
-    number("--max-len", a.max_len, lo=1)
-    number("--batch-size", a.batch_size, lo=1)
+    for flag, x in (("--max-len", a.max_len), ("--batch-size", a.batch_size)):
+        number(flag, x, lo=1)
     tok = Tokenizer(a.tokenizer)
     records, fmt = read_format(a.file, a.format)
     template = a.template or default_template(fmt)
@@ -386,8 +382,8 @@ def run(argv):
     print(f"{a.file}: {fmt} format, {template} template, max_len {a.max_len}")
     print(f"examples        {len(examples)} of {len(records)} records ({counts['truncated']} truncated, "
           f"{counts['dropped']} dropped with no response token left, {counts['unanswered']} without an answer)")
-    print(f"tokens          {n_tokens} (mean {n_tokens / len(examples):.1f}, "
-          f"max {max(len(x['input_ids']) for x in examples)})")
+    longest = max(len(x["input_ids"]) for x in examples)
+    print(f"tokens          {n_tokens} (mean {n_tokens / len(examples):.1f}, max {longest})")
     print(f"response tokens {n_response} ({n_response / n_tokens:.1%} of tokens)")
     print(f"padding         {padding_fraction(examples, a.batch_size):.1%} at batch size {a.batch_size}, "
           f"{padding_fraction(rows, a.batch_size):.1%} packed (seq_len {a.max_len})")

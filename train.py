@@ -21,9 +21,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import checkpoint
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
@@ -31,11 +29,11 @@ from tqdm import tqdm
 import builtin_data
 import checkpoint as ckpt
 import data
-import lora
 import sample
+from checkpoint import build_model, mixed_precision  # noqa: F401 (train.mixed_precision)
 from checks import RunLock, UserError, run_main
 from data import IGNORE
-from model import ModelArgs, Tokenizer, Transformer, find_tokenizer
+from model import Tokenizer, find_tokenizer
 from noise import neftune_noise
 from precision import choose_dtype
 from recipes import BUILTIN_ONLY, RECIPES, SCRATCH_ONLY, parse_args  # noqa: F401 (train.RECIPES)
@@ -114,50 +112,6 @@ def row_generators(seed, epoch, indices, device):
 
 
 # ----------------------------------------------------------------------------- model and loss
-
-def mixed_precision(device, dtype):
-    """FSDP's policy. On CUDA in bf16: bf16 compute from fp32 master weights, gradients reduced in fp32.
-    Inputs are never cast: the RoPE tables (cos, sin) stay fp32 in every block, as in generation (a
-    bf16 table loses the angle's low bits at long positions), and the activations are bf16 already.
-    On a CPU, bf16 is autocast instead (train_one)."""
-    bf16 = torch.bfloat16 if device.type == "cuda" and dtype == torch.bfloat16 else None
-    return MixedPrecisionPolicy(param_dtype=bf16, reduce_dtype=bf16 and torch.float32, cast_forward_inputs=False)
-
-
-def build_model(args, init, vocab_size, device, mesh, dtype):
-    """The model, sharded by FSDP2 over `mesh`, one unit per block and the root holding the embedding,
-    norm and output. From --init (init = read_init's triple) it is built on the meta device, sharded,
-    and each rank then fills only its own rows from the checkpoint: no rank holds the whole model."""
-    base_dtype = torch.bfloat16 if args.lora_rank and dtype == torch.bfloat16 else torch.float32  # a frozen
-    # LoRA base computed in bf16 needs no fp32 master copy (7B: 13.5 GB instead of 27); else fp32 masters
-    if init is None:
-        torch.manual_seed(args.seed)  # same init on every rank; fully_shard then keeps each rank's slice
-        model = Transformer(ModelArgs(dim=args.dim, n_layers=args.n_layers, n_heads=args.n_heads, multiple_of=32,
-                                      vocab_size=vocab_size, max_seq_len=args.max_len)).to(base_dtype)
-    else:
-        margs, weights, tied = init
-        with torch.device("meta"):
-            model = Transformer(margs).to(base_dtype)
-        if tied:  # one matrix for both (LLaMA-3.2 1B/3B): trained as one, exported under both names
-            model.output.weight = model.tok_embeddings.weight
-    if args.lora_rank:
-        lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=args.seed)
-    adapters = lora.initial_adapters(model, args.seed) if args.lora_rank and init else None
-    model.train()
-    mp = mixed_precision(device, dtype)
-    for i, layer in enumerate(model.layers):
-        if args.act_ckpt:  # keep only each block's input for backward, recompute the rest
-            layer = model.layers[i] = checkpoint_wrapper(layer)
-        if args.compile:
-            layer.compile()
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
-    if init is None:
-        return model.to(device)
-    model.to_empty(device=device)
-    ckpt.fill_shards(model, weights, adapters)
-    return model
-
 
 LOSS_CHUNK = 128  # positions per loss chunk: 4 x 128 tokens of fp32 logits at vocab 128256 are 0.26 GB
 

@@ -79,6 +79,13 @@ def kill_at_checkpoint(script_args, out, nproc=1, step=2):
     assert p.returncode == -signal.SIGKILL, "the run finished before it could be killed"
 
 
+def assert_same_run(out, ref):
+    """Two runs bit-identical: the same loss at every step and the same exported weights."""
+    assert losses(out) == losses(ref)
+    a, b = (torch.load(Path(o) / "final" / "consolidated.00.pth", weights_only=True) for o in (out, ref))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def read_log(out):
     return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
 

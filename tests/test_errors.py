@@ -54,6 +54,15 @@ def test_bad_number_one_line_before_anything_is_written(tmp_path, capsys, args, 
     assert not out.exists()
 
 
+def test_out_that_the_system_refuses(tmp_path, capsys):
+    # /proc takes no new folder: a user is refused by the permission check, root (who passes every
+    # permission check) at the run's first write; either way one line, before any work
+    assert train.main([*TINY, "--out", "/proc/neftune-out", "--max-steps", "1"]) == 2
+    line = one_error_line(capsys.readouterr().err)
+    assert line.startswith("train.py: error: /proc/neftune-out: --out ") and ("cannot be created" in line
+                                                                              or "not writable" in line), line
+
+
 @pytest.mark.parametrize("case", ["file", "under_file"])
 def test_out_that_cannot_be_a_folder(tmp_path, capsys, case):
     f = tmp_path / "a_file"
