@@ -1,23 +1,22 @@
-"""LLaMA-1/2/3.x in one file, and Meta's own checkpoint folders in and out.
+"""LLaMA-1/2/3.x, the network alone, and Meta's own checkpoint folders in and out.
 
-    python model.py llama-2-7b/ --prompt "The capital of France is"
+    python sample.py --ckpt llama-2-7b/ --prompt "The capital of France is"   # what loads and runs it
 
 Reads top to bottom like Meta's llama/model.py: ModelArgs (= params.json), RMSNorm, RoPE, the KV
-cache, Attention (GQA), FeedForward (SwiGLU), the Transformer; then Meta's format: meta_weights
-(reads consolidated.NN.pth lazily, a block of rows at a time), load_meta, save_meta.
+cache, Attention (GQA), FeedForward (SwiGLU), the Transformer; then Meta's format at its simplest:
+load_meta, save_meta. (Reading a rank's own rows of a checkpoint is checkpoint.py's.)
 """
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import ArgumentParser, CheckpointError, atomic, number, run_main
+from checks import CheckpointError, atomic, config_value, read_json
 from tokenizer import Tokenizer, copy_tokenizer, find_tokenizer  # noqa: F401 (`from model import Tokenizer`)
 
 META_ROPE_SCALING = dict(rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
@@ -52,13 +51,8 @@ class ModelArgs:  # the fields of Meta's params.json, one to one, then the few t
         for k in sorted(set(d) - known - {"max_batch_size"}):  # max_batch_size: Meta's generation setting
             if d[k] is not None:
                 raise CheckpointError(f"{source}: key {k!r} changes the model and is not implemented here")
-        for f in fields(cls):  # "dim": "256" would fail far away, in a tensor shape
-            want = getattr(f.type, "__args__", (f.type,))[0]  # Optional[int] -> int
-            v = d.get(f.name)
-            if v is not None and (not isinstance(v, (int, float) if want is float else want)
-                                  or isinstance(v, bool) != (want is bool)):
-                kind = {bool: "true or false", int: "an integer"}.get(want, "a number")
-                raise CheckpointError(f"{source}: \"{f.name}\" must be {kind}, got {v!r}")
+        for f in fields(cls):
+            config_value(d, f.name, source, getattr(f.type, "__args__", (f.type,))[0])  # Optional[int] -> int
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
 
@@ -250,19 +244,16 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
+    @property
+    def tied(self):
+        """One matrix as both the embedding and the output layer (LLaMA-3.2 1B/3B were trained so)."""
+        return self.output.weight is self.tok_embeddings.weight
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
 
 # ----------------------------------------------------------------------------- Meta's format
-
-@dataclass
-class Weight:
-    """One weight of a checkpoint on disk, in Meta's layout: read(start, end) gives rows start:end,
-    reading only those from the memory-mapped file(s), so each rank of a sharded run reads its own rows."""
-    shape: torch.Size
-    read: Callable[[int, int], torch.Tensor]
-
 
 # How Meta's model-parallel code split each weight across consolidated.NN.pth (fairscale layers):
 # ParallelEmbedding and RowParallelLinear (wo, w2) along dim 1, ColumnParallelLinear along dim 0.
@@ -279,36 +270,15 @@ def load_weights(path):
         raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint ({why})") from None
 
 
-def merged_weight(parts, dim):
-    """The full tensor that Meta's model-parallel parts concatenate to, as rows on demand."""
-    if dim is None or len(parts) == 1:  # norms are replicated in every part
-        return Weight(parts[0].shape, lambda s, e: parts[0][s:e])
-    if dim == 1:
-        return Weight(torch.Size([parts[0].shape[0], sum(p.shape[1] for p in parts)]),
-                      lambda s, e: torch.cat([p[s:e] for p in parts], dim=1))
-    offsets = [0]
-    for p in parts:
-        offsets.append(offsets[-1] + p.shape[0])
-
-    def rows(s, e):  # the parts are consecutive blocks of rows: take the overlap of each with s:e
-        pieces = [p[max(s - o, 0):e - o] for p, o in zip(parts, offsets) if o < e and o + p.shape[0] > s]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return Weight(torch.Size([offsets[-1], *parts[0].shape[1:]]), rows)
-
-
-def meta_weights(ckpt_dir):
-    """Meta's folder -> (ModelArgs, {key: Weight}, tied), checked against params.json, nothing read
-    yet but the files' headers. tied: no output.weight, or one equal to the embedding (LLaMA-3.2 1B/3B
-    were trained so, as HF's tie_word_embeddings finetunes them): the model keeps one matrix."""
+def meta_parts(ckpt_dir):
+    """Meta's folder -> (ModelArgs, {key: [its model-parallel parts]}, tied, source), every file memory-
+    mapped, nothing read but headers. tied: no output.weight, or one equal to the embedding (LLaMA-3.2
+    1B/3B were trained so, as HF's tie_word_embeddings finetunes them): the model keeps one matrix."""
     ckpt_dir = Path(ckpt_dir)
     params_path = ckpt_dir / "params.json"
     if not params_path.is_file():
         raise CheckpointError(f"{ckpt_dir}: no params.json (expected Meta's layout: params.json + consolidated.NN.pth)")
-    try:
-        params = json.loads(params_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{params_path}: invalid JSON ({e})") from None
-    args = ModelArgs.from_dict(params, source=str(params_path))
+    args = ModelArgs.from_dict(read_json(params_path, CheckpointError, expect=dict), source=str(params_path))
     paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth weight files")
@@ -319,62 +289,74 @@ def meta_weights(ckpt_dir):
     for s, p in zip(shards[1:], paths[1:]):
         if set(s) != set(shards[0]):
             raise CheckpointError(f"{p}: its keys differ from {paths[0].name}'s")
-    state = {k: [s[k] for s in shards] for k in shards[0] if k != "rope.freqs"}  # LLaMA-1's RoPE table
-    emb, out = state.get("tok_embeddings.weight"), state.pop("output.weight", None)
+    parts = {k: [s[k] for s in shards] for k in shards[0] if k != "rope.freqs"}  # LLaMA-1's RoPE table
+    emb, out = parts.get("tok_embeddings.weight"), parts.pop("output.weight", None)
     tied = emb is not None and (out is None or all(torch.equal(a, b) for a, b in zip(out, emb)))
     if not tied and out is not None:
-        state["output.weight"] = out
-    weights = {k: merged_weight(parts, SPLIT_DIM.get(k.split(".")[-2])) for k, parts in state.items()}
+        parts["output.weight"] = out
     if args.vocab_size <= 0 and emb is not None:
-        args.vocab_size = weights["tok_embeddings.weight"].shape[0]
-    check_weights(args, weights, tied, f"{ckpt_dir} ({len(paths)} shard(s))")
-    return args, weights, tied
+        args.vocab_size = emb[0].shape[0]  # split along dim 1: every part has all the rows
+    return args, parts, tied, f"{ckpt_dir} ({len(paths)} shard(s))"
 
 
-def check_weights(args, weights, tied, source, config="params.json"):
-    """Keys and shapes against the model that args (read from `config`) describe, before anything is read."""
+def check_shapes(args, shapes, tied, source, config="params.json"):
+    """Keys and shapes ({key: torch.Size}) against the model that args (read from `config`) describe,
+    before any weight is read: one line instead of load_state_dict's pages of sizes."""
     if args.vocab_size <= 0:
         raise CheckpointError(f"{source}: no tok_embeddings.weight")
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     expected.pop("output.weight") if tied else None
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{source}: keys disagree with {config} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, shape in expected.items():
-        if weights[k].shape != shape:
-            raise CheckpointError(f"{source}: {k} has shape {tuple(weights[k].shape)} "
-                                  f"but {config} implies {tuple(shape)}")
+        if shapes[k] != shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(shapes[k])} but {config} implies {tuple(shape)}")
 
 
-def build(args, weights, tied, dtype=None, device="cpu", tok_dir=None):
-    """A Transformer in eval mode holding `weights`: built on the meta device and given the tensors
-    (memory-mapped, for a one-file checkpoint), so memory holds the weights once."""
-    tok_path = find_tokenizer(tok_dir) if tok_dir is not None else None
-    n_words = Tokenizer(tok_path).n_words if tok_path is not None else args.vocab_size
-    if n_words != args.vocab_size:
-        raise CheckpointError(f"{tok_path}: tokenizer has {n_words} pieces but the embedding has "
-                              f"{args.vocab_size} rows")
+def check_vocab(tok, vocab_size, source):
+    """The tokenizer's ids must be the embedding's rows: a larger vocabulary indexes past the table,
+    a smaller one leaves rows no text reaches."""
+    if tok.n_words != vocab_size:
+        raise CheckpointError(f"{tok.path}: tokenizer has {tok.n_words} pieces but {source}'s embedding has "
+                              f"{vocab_size} rows")
+
+
+def build(args, state, tied, dtype=None, device="cpu", tok_dir=None, source="the checkpoint", config="params.json"):
+    """A Transformer in eval mode holding `state` (whole tensors, Meta's keys), its shapes and tokenizer
+    checked first. Built on the meta device and given the tensors (memory-mapped where the files are),
+    so memory holds the weights once. A tied model gets one Parameter in both places."""
+    check_shapes(args, {k: v.shape for k, v in state.items()}, tied, source, config)
+    if tok_dir is not None and find_tokenizer(tok_dir) is not None:
+        check_vocab(Tokenizer(find_tokenizer(tok_dir)), args.vocab_size, source)
     with torch.device("meta"):
         model = Transformer(args)
-    state = {k: w.read(0, w.shape[0]) for k, w in weights.items()}
-    if tied:
-        state["output.weight"] = state["tok_embeddings.weight"]
+    state = name_tied(state, tied)
     model.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, assign=True)
-    if tied:  # one Parameter in two places: trained as one, and save_meta writes both keys
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device).eval()
 
 
-def is_hf_folder(folder):
-    """A Hugging Face folder (config.json, safetensors: hf.py reads it) rather than Meta's (params.json)."""
-    return (Path(folder) / "config.json").is_file() and not (Path(folder) / "params.json").is_file()
+def name_tied(state, tied):
+    """The state dict a tied model has: output.weight is the embedding tensor itself. Meta's layout
+    stores it under both names; HF's files store it once (tie_word_embeddings)."""
+    return state | {"output.weight": state["tok_embeddings.weight"]} if tied else state
+
+
+def meta_state(ckpt_dir):
+    """(ModelArgs, {key: whole tensor}, tied, source): the model-parallel parts concatenated."""
+    args, parts, tied, source = meta_parts(ckpt_dir)
+    dims = {k: SPLIT_DIM.get(k.split(".")[-2]) for k in parts}  # None: a norm, the same in every part
+    return args, {k: p[0] if dims[k] is None else torch.cat(p, dim=dims[k]) for k, p in parts.items()}, tied, source
 
 
 def load_meta(ckpt_dir, dtype=None, device="cpu"):
-    """Meta's folder (params.json + consolidated.NN.pth, model-parallel shards merged) -> Transformer."""
-    return build(*meta_weights(ckpt_dir), dtype=dtype, device=device, tok_dir=ckpt_dir)
+    """Meta's folder (params.json + consolidated.NN.pth) -> Transformer in eval mode."""
+    args, state, tied, source = meta_state(ckpt_dir)
+    return build(args, state, tied, dtype, device, tok_dir=ckpt_dir, source=source)
 
 
 def meta_params(args):
@@ -394,10 +376,7 @@ def write_meta(state, args, out_dir, tokenizer_path=None):
     """params.json + consolidated.00.pth (Meta's key names, one shard) [+ the tokenizer] into a
     temporary folder renamed into place: a crash never leaves a half-written checkpoint."""
     out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "params.json").exists():
-        raise CheckpointError(f"{out_dir}: exists and is not a checkpoint folder; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with atomic(out_dir, folder=True) as tmp:
+    with atomic(out_dir, folder=True, marker="params.json") as tmp:
         (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")
         if tokenizer_path is not None:
@@ -405,36 +384,12 @@ def write_meta(state, args, out_dir, tokenizer_path=None):
     return out_dir
 
 
-def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
-    """A model in Meta's layout, readable by Meta's own code and every converter of Meta's layout.
-    A tied output layer is written under both of Meta's names, as one tensor."""
+def model_state(model, dtype=None):
+    """The model's weights on the CPU, in `dtype` if given; a tied output under both of Meta's names."""
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    if model.output.weight is model.tok_embeddings.weight:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return write_meta(state, model.args, out_dir, tokenizer_path)
+    return name_tied(state, model.tied)
 
 
-@torch.no_grad()
-def run(argv):
-    p = ArgumentParser(prog="model.py", description="Load a LLaMA folder, print its shape and greedy continuation.")
-    p.add_argument("ckpt_dir", help="Meta's layout (params.json, consolidated.NN.pth) or a Hugging Face folder")
-    p.add_argument("--prompt", default="The capital of France is", help="text to continue")
-    p.add_argument("--tokens", type=int, default=16, help="greedy tokens to generate (no cache: a quick check)")
-    a = p.parse_args(argv)
-    number("--tokens", a.tokens, lo=1)
-    import hf  # here, not at the top: hf.py imports this file
-    model = hf.load_any(a.ckpt_dir)
-    tok = Tokenizer(find_tokenizer(a.ckpt_dir, required=True))
-    print(f"{a.ckpt_dir}: {model.num_params() / 1e6:.1f}M parameters, {model.args}")
-    ids = tok.encode(a.prompt)
-    for _ in range(a.tokens):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    print(tok.decode(ids))
-
-
-def main(argv=None):
-    return run_main("model.py", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
+    """A model in Meta's layout, readable by Meta's own code and every converter of Meta's layout."""
+    return write_meta(model_state(model, dtype), model.args, out_dir, tokenizer_path)

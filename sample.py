@@ -199,7 +199,7 @@ class TextStream:
 
 def read_prompts(path):
     """A JSON list (or JSONL) of {"instruction", ["input"], ["dataset"], ...}: AlpacaEval's file, Alpaca data."""
-    records = data.read_json(path)  # DataError naming the file when missing or not JSON
+    records = data.read_records(path)  # DataError naming the file when missing or not JSON
     if not isinstance(records, list) or not records:
         raise DataError(f"{path}: expected a non-empty JSON list of {{\"instruction\": ...}} records")
     for i, r in enumerate(records):

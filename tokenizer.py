@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from checks import ArgumentParser, CheckpointError, run_main
+from checks import ArgumentParser, CheckpointError, read_json, run_main
 
 # LLaMA-3's pre-tokenizer (Meta's llama3 tokenizer.py; OpenAI's cl100k pattern): contractions, letters
 # with one leading non-letter, digits in groups of at most three, punctuation runs, newlines, spaces.
@@ -82,15 +82,7 @@ def read_tokenizer_json(path, blob):
 
 def read_config(path):
     """A JSON object from a config file beside a tokenizer.json; {} when there is none."""
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a JSON file ({str(e).splitlines()[0]})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json(path, CheckpointError, expect=dict) if path.is_file() else {}
 
 
 def post_processor_bos(hf):

@@ -91,7 +91,7 @@ def test_bad_input_under_torchrun_prints_once(tmp_path, args, msg):
 
 @pytest.mark.slow
 def test_data_error_writes_nothing_and_the_corrected_rerun_starts(tmp_path):
-    # the demo tokenizer used to be written into --out before the data was read: the rerun was refused
+    # nothing, not even the demo tokenizer, is written into --out before the data is read: the rerun starts
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "a", "output": ')
     out = tmp_path / "o"
