@@ -23,7 +23,7 @@ from torch.distributed.tensor import DTensor
 import hf
 import lora
 from checks import UserError, atomic, read_json, remove
-from model import SPLIT_DIM, ModelArgs, Transformer, check_shapes, check_vocab, meta_parts, write_meta
+from model import SPLIT_DIM, ModelArgs, Transformer, check_shapes, meta_parts, write_meta
 
 # ----------------------------------------------------------------------------- reading a rank's rows
 
@@ -96,7 +96,7 @@ def read_init(folder, tok):
     folder (config.json), read lazily: each rank later reads only its own rows. tok: the tokenizer the
     run found there, whose size must be the embedding's."""
     init = hf_weights(folder) if hf.is_hf_folder(folder) else meta_weights(folder)
-    check_vocab(tok, init[0].vocab_size, folder)
+    tok.check_vocab(init[0].vocab_size, folder)
     return init
 
 

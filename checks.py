@@ -1,6 +1,9 @@
 """A mistake costs one line, never a run or a file: the error family every script raises, the wrapper
 every script's main runs under, the number and path checks done before any work, the write that is
-never seen half done, and the lock that keeps two training runs out of one --out folder.
+never seen half done, and the lock that keeps two training runs out of one --out folder. Every script
+uses it; what it does shows in any mistake:
+
+    python train.py --alpha nan       # train.py: error: --alpha must be a finite number >= 0, got nan (exit 2)
 """
 import argparse
 import json
@@ -12,6 +15,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 class UserError(Exception):
@@ -131,6 +136,17 @@ def config_value(config, key, path, kind, default=None):
         what = {bool: "true or false", int: "an integer"}.get(kind, "a number")
         raise CheckpointError(f'{path}: "{key}" must be {what}, got {v!r}')
     return v
+
+
+def load_weights(path):
+    """torch.load of a weights file that never executes code from it and maps it instead of reading it;
+    anything else is one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError (code in the pickle), RuntimeError (not a zip checkpoint), ...
+        pickled = "weights_only" in str(e).lower() or "Unsupported" in str(e)
+        why = "refusing a pickle that is not plain weights" if pickled else str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint ({why})") from None
 
 
 def remove(path):

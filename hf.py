@@ -221,16 +221,10 @@ def hf_tensors(folder):
     return args, tensors, tied, f"{folder} ({len(handles)} file(s))"
 
 
-def hf_state(folder):
-    """(ModelArgs, {Meta's key: whole tensor in Meta's layout}, tied, source) of an HF folder."""
-    args, tensors, tied, source = hf_tensors(folder)
-    state = {k: sl[:] if heads is None else to_meta_order(sl[:], heads) for k, (sl, heads) in tensors.items()}
-    return args, state, tied, source
-
-
 def load_hf(folder, dtype=None, device="cpu"):
     """An HF folder -> Transformer in eval mode, its tokenizer's size checked against the embedding."""
-    args, state, tied, source = hf_state(folder)
+    args, tensors, tied, source = hf_tensors(folder)
+    state = {k: sl[:] if heads is None else to_meta_order(sl[:], heads) for k, (sl, heads) in tensors.items()}
     return llama.build(args, state, tied, dtype, device, tok_dir=folder, source=source, config="config.json")
 
 
@@ -344,29 +338,22 @@ def save_hf(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
 
 # ----------------------------------------------------------------------------- the command line
 
-def convert(src, out, read, write, marker):
-    """Every weight of `src` read whole (memory-mapped: each is read as it is written), its shapes and
-    tokenizer checked, then written by `write` (write_meta or write_hf) with that tokenizer. The tokenizer
-    is the one our scripts read in src: tokenizer.json (with the files that set its special ids) in an
-    HF folder, so the new folder tokenizes as the old one did."""
-    check_replace(out, marker)
-    tok_path = llama.find_tokenizer(src, required=True)
-    args, state, tied, source = read(src)
-    llama.check_shapes(args, {k: v.shape for k, v in state.items()}, tied, source, "its config")
-    llama.check_vocab(Tokenizer(tok_path), args.vocab_size, source)
-    write(llama.name_tied(state, tied), args, out, tokenizer_path=tok_path)
-
-
 def to_meta(src, out):
     if not is_hf_folder(src):
         raise UserError(f"{src}: not a Hugging Face folder (no config.json, or a params.json beside it)")
-    convert(src, out, hf_state, llama.write_meta, "params.json")
+    check_replace(out, "params.json")
+    # the tokenizer our scripts read there: tokenizer.json (with the files that set its special ids)
+    # where there is one, so the Meta folder tokenizes as the HF one did
+    tok_path = llama.find_tokenizer(src, required=True)
+    llama.save_meta(load_hf(src), out, tokenizer_path=tok_path, dtype=None)  # each weight in its own dtype
 
 
 def to_hf(src, out):
     if not (src / "params.json").is_file():
         raise UserError(f"{src}: not a Meta folder (no params.json)")
-    convert(src, out, llama.meta_state, write_hf, "config.json")
+    check_replace(out, "config.json")
+    tok_path = llama.find_tokenizer(src, required=True)
+    save_hf(llama.load_meta(src), out, tokenizer_path=tok_path, dtype=None)  # every weight in the embedding's dtype
 
 
 def run(argv):

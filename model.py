@@ -16,11 +16,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import CheckpointError, atomic, config_value, read_json
+from checks import CheckpointError, atomic, config_value, load_weights, read_json
 from tokenizer import Tokenizer, copy_tokenizer, find_tokenizer  # noqa: F401 (`from model import Tokenizer`)
-
-META_ROPE_SCALING = dict(rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                         rope_original_context=8192)  # apply_scaling's constants in Meta's llama-models
 
 
 @dataclass
@@ -35,8 +32,8 @@ class ModelArgs:  # the fields of Meta's params.json, one to one, then the few t
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
-    use_scaled_rope: bool = False  # LLaMA-3.1/3.2: Meta's long-context RoPE frequency scaling, with:
-    rope_scaling_factor: float = 8.0  # Meta's code uses 8 for every model; HF's Llama-3.2 configs say 32
+    use_scaled_rope: bool = False  # LLaMA-3.1/3.2: Meta's long-context RoPE frequency scaling, with
+    rope_scaling_factor: float = 8.0  # apply_scaling's constants: Meta's code uses 8 for every model, HF's 3.2 says 32
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
@@ -69,19 +66,17 @@ class RMSNorm(nn.Module):
 
 
 def scale_rope_frequencies(inv_freq, args):
-    """LLaMA-3.1's context extension (apply_scaling in Meta's llama-models): rotations with wavelength
-    below original_context / high_freq_factor (2048 positions) are kept, those above
-    original_context / low_freq_factor (8192) are slowed down `factor` times, and the band between
-    is interpolated linearly in original_context / wavelength."""
+    """LLaMA-3.1's context extension (apply_scaling in Meta's llama-models): wavelengths below original_context
+    / high_freq_factor (2048 positions) are kept, those above original_context / low_freq_factor (8192) slowed
+    `factor` times, and the band between interpolated linearly in original_context / wavelength."""
     lo, hi, old = args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_context
     smooth = ((old * inv_freq / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)
     return (1 - smooth) * inv_freq / args.rope_scaling_factor + smooth * inv_freq
 
 
 def rope_cos_sin(positions, args):
-    """Rotation angles position * theta^(-2i/head_dim) (RoFormer eq. 15), in fp32 like Meta's
-    precompute_freqs_cis. Computed per call from the positions, so packed rows and left-padded
-    generation batches simply pass their own positions; it is a few KB of work."""
+    """Angles position * theta^(-2i/head_dim) (RoFormer eq. 15) in fp32, as Meta's precompute_freqs_cis; per call
+    from the positions (a few KB of work), so packed rows and left-padded batches pass their own."""
     hd = args.head_dim or args.dim // args.n_heads
     inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, device=positions.device).float() / hd)
     if args.use_scaled_rope:
@@ -99,9 +94,8 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """The static cache of generation (gpt-fast's): allocated once at its full length, and each step
-    writes its keys and values in place at the slots given as a tensor, so every decode step has the
-    same shapes and one compiled graph serves them all. Slots not yet written are masked."""
+    """The static cache of generation (gpt-fast's): allocated at full length, written in place at the slots given
+    as a tensor, so every decode step has the same shapes and one compiled graph serves them all."""
 
     def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
         super().__init__()
@@ -199,20 +193,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.apply(self._init_weights)  # for training from scratch; load_meta overwrites it all
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        for m in self.modules():  # for training from scratch; load_meta overwrites it all
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=None, head=None):
-        """tokens (B, T) -> logits (B, T, vocab). noise (B, T, dim): NEFTune's, added to the token
-        embeddings (train.py draws it; added here, inside forward, so that FSDP gathers the embedding).
-        mask (B, keys): True at real tokens, for left-padded batches (generation). positions (B, T):
-        RoPE positions (default 0..T-1 or the cache slots); packed rows restart them per document,
-        with segment_ids. cache_pos (T,): the KV-cache slots of these tokens while generating.
-        head(h, output) replaces the output layer: train.py computes the loss there, chunk by chunk."""
+        """tokens (B, T) -> logits (B, T, vocab). noise (B, T, dim): NEFTune's, drawn by train.py and added to
+        the token embeddings here, inside forward, where FSDP has gathered the embedding. mask (B, keys): real
+        tokens of left-padded batches. positions (B, T): RoPE's (default 0..T-1 or the cache slots), restarted
+        per document of a packed row (segment_ids). cache_pos (T,): these tokens' KV-cache slots while
+        generating. head(h, output) replaces the output layer: train.py's chunked loss."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
             h = h + noise.to(h.dtype)
@@ -245,8 +235,7 @@ class Transformer(nn.Module):
             layer.attention.cache = None
 
     @property
-    def tied(self):
-        """One matrix as both the embedding and the output layer (LLaMA-3.2 1B/3B were trained so)."""
+    def tied(self):  # one matrix as both the embedding and the output layer (LLaMA-3.2 1B/3B)
         return self.output.weight is self.tok_embeddings.weight
 
     def num_params(self):
@@ -260,20 +249,9 @@ class Transformer(nn.Module):
 SPLIT_DIM = {"tok_embeddings": 1, "wo": 1, "w2": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0}
 
 
-def load_weights(path):
-    """torch.load that never executes code from the file, and maps it instead of reading it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # UnpicklingError (code in the pickle), RuntimeError (not a zip checkpoint), ...
-        pickled = "weights_only" in str(e).lower() or "Unsupported" in str(e)
-        why = "refusing a pickle that is not plain weights" if pickled else str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint ({why})") from None
-
-
 def meta_parts(ckpt_dir):
-    """Meta's folder -> (ModelArgs, {key: [its model-parallel parts]}, tied, source), every file memory-
-    mapped, nothing read but headers. tied: no output.weight, or one equal to the embedding (LLaMA-3.2
-    1B/3B were trained so, as HF's tie_word_embeddings finetunes them): the model keeps one matrix."""
+    """Meta's folder -> (ModelArgs, {key: [its model-parallel parts]}, tied, source), memory-mapped, nothing
+    read but headers. tied: no output.weight, or one equal to the embedding (LLaMA-3.2 1B/3B): one matrix."""
     ckpt_dir = Path(ckpt_dir)
     params_path = ckpt_dir / "params.json"
     if not params_path.is_file():
@@ -282,26 +260,23 @@ def meta_parts(ckpt_dir):
     paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth weight files")
-    for i, p in enumerate(paths):
+    shards = [load_weights(p) for p in paths]
+    for i, (s, p) in enumerate(zip(shards, paths)):
         if p.name != f"consolidated.{i:02d}.pth":
             raise CheckpointError(f"{ckpt_dir / f'consolidated.{i:02d}.pth'}: missing shard ({len(paths)} found)")
-    shards = [load_weights(p) for p in paths]
-    for s, p in zip(shards[1:], paths[1:]):
         if set(s) != set(shards[0]):
             raise CheckpointError(f"{p}: its keys differ from {paths[0].name}'s")
     parts = {k: [s[k] for s in shards] for k in shards[0] if k != "rope.freqs"}  # LLaMA-1's RoPE table
-    emb, out = parts.get("tok_embeddings.weight"), parts.pop("output.weight", None)
+    emb, out = parts.get("tok_embeddings.weight"), parts.get("output.weight")
     tied = emb is not None and (out is None or all(torch.equal(a, b) for a, b in zip(out, emb)))
-    if not tied and out is not None:
-        parts["output.weight"] = out
-    if args.vocab_size <= 0 and emb is not None:
-        args.vocab_size = emb[0].shape[0]  # split along dim 1: every part has all the rows
+    if tied:
+        parts.pop("output.weight", None)
+    args.vocab_size = emb[0].shape[0] if args.vocab_size <= 0 and emb else args.vocab_size  # split on dim 1
     return args, parts, tied, f"{ckpt_dir} ({len(paths)} shard(s))"
 
 
 def check_shapes(args, shapes, tied, source, config="params.json"):
-    """Keys and shapes ({key: torch.Size}) against the model that args (read from `config`) describe,
-    before any weight is read: one line instead of load_state_dict's pages of sizes."""
+    """Keys and shapes ({key: torch.Size}) against the model args (from `config`) describe: one line, not pages."""
     if args.vocab_size <= 0:
         raise CheckpointError(f"{source}: no tok_embeddings.weight")
     with torch.device("meta"):
@@ -316,21 +291,12 @@ def check_shapes(args, shapes, tied, source, config="params.json"):
             raise CheckpointError(f"{source}: {k} has shape {tuple(shapes[k])} but {config} implies {tuple(shape)}")
 
 
-def check_vocab(tok, vocab_size, source):
-    """The tokenizer's ids must be the embedding's rows: a larger vocabulary indexes past the table,
-    a smaller one leaves rows no text reaches."""
-    if tok.n_words != vocab_size:
-        raise CheckpointError(f"{tok.path}: tokenizer has {tok.n_words} pieces but {source}'s embedding has "
-                              f"{vocab_size} rows")
-
-
 def build(args, state, tied, dtype=None, device="cpu", tok_dir=None, source="the checkpoint", config="params.json"):
-    """A Transformer in eval mode holding `state` (whole tensors, Meta's keys), its shapes and tokenizer
-    checked first. Built on the meta device and given the tensors (memory-mapped where the files are),
-    so memory holds the weights once. A tied model gets one Parameter in both places."""
+    """A Transformer in eval mode holding `state` (whole tensors, Meta's keys), shapes and tokenizer checked
+    first: built on the meta device and given the (memory-mapped) tensors, so memory holds them once."""
     check_shapes(args, {k: v.shape for k, v in state.items()}, tied, source, config)
     if tok_dir is not None and find_tokenizer(tok_dir) is not None:
-        check_vocab(Tokenizer(find_tokenizer(tok_dir)), args.vocab_size, source)
+        Tokenizer(find_tokenizer(tok_dir)).check_vocab(args.vocab_size, source)
     with torch.device("meta"):
         model = Transformer(args)
     state = name_tied(state, tied)
@@ -341,41 +307,29 @@ def build(args, state, tied, dtype=None, device="cpu", tok_dir=None, source="the
 
 
 def name_tied(state, tied):
-    """The state dict a tied model has: output.weight is the embedding tensor itself. Meta's layout
-    stores it under both names; HF's files store it once (tie_word_embeddings)."""
+    """A tied model's state dict: output.weight is the embedding tensor itself (Meta's files name it twice)."""
     return state | {"output.weight": state["tok_embeddings.weight"]} if tied else state
 
 
-def meta_state(ckpt_dir):
-    """(ModelArgs, {key: whole tensor}, tied, source): the model-parallel parts concatenated."""
+def load_meta(ckpt_dir, dtype=None, device="cpu"):
+    """Meta's folder (params.json + consolidated.NN.pth, model-parallel parts concatenated) -> Transformer."""
     args, parts, tied, source = meta_parts(ckpt_dir)
     dims = {k: SPLIT_DIM.get(k.split(".")[-2]) for k in parts}  # None: a norm, the same in every part
-    return args, {k: p[0] if dims[k] is None else torch.cat(p, dim=dims[k]) for k, p in parts.items()}, tied, source
-
-
-def load_meta(ckpt_dir, dtype=None, device="cpu"):
-    """Meta's folder (params.json + consolidated.NN.pth) -> Transformer in eval mode."""
-    args, state, tied, source = meta_state(ckpt_dir)
+    state = {k: p[0] if dims[k] is None else torch.cat(p, dim=dims[k]) for k, p in parts.items()}
     return build(args, state, tied, dtype, device, tok_dir=ckpt_dir, source=source)
 
 
 def meta_params(args):
-    """params.json as Meta's files have it: no max_seq_len (Meta's ModelArgs(max_seq_len=..., **params)
-    would fail on it), rope_theta and use_scaled_rope only where LLaMA-1/2's code would differ. HF's
-    RoPE numbers, head_dim or hidden_dim are extra keys that load_meta reads and Meta's code does not."""
+    """params.json as Meta's files have it: the shape always, other keys only where they differ from
+    LLaMA-1/2's defaults (HF's RoPE numbers, head_dim, hidden_dim: extra keys Meta's code ignores), and
+    no max_seq_len (Meta's ModelArgs(max_seq_len=..., **params) would fail on it)."""
     d, default = asdict(args), asdict(ModelArgs())
-    keep = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps"}
-    params = {k: v for k, v in d.items() if k in keep and v is not None}
-    params |= {k: d[k] for k in ("rope_theta", "use_scaled_rope", "head_dim", "hidden_dim") if d[k] != default[k]}
-    if args.use_scaled_rope:
-        params |= {k: d[k] for k, v in META_ROPE_SCALING.items() if d[k] != v}
-    return params
+    shape = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps")
+    return {k: v for k, v in d.items() if k != "max_seq_len" and v is not None and (k in shape or v != default[k])}
 
 
 def write_meta(state, args, out_dir, tokenizer_path=None):
-    """params.json + consolidated.00.pth (Meta's key names, one shard) [+ the tokenizer] into a
-    temporary folder renamed into place: a crash never leaves a half-written checkpoint."""
-    out_dir = Path(out_dir)
+    """params.json + consolidated.00.pth (one shard) [+ the tokenizer], written whole or not at all."""
     with atomic(out_dir, folder=True, marker="params.json") as tmp:
         (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")

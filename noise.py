@@ -1,5 +1,6 @@
 """NEFTune: noise added to the token embeddings during instruction finetuning, and nothing else.
 
+    torchrun --standalone --nproc_per_node=2 train.py --alpha 5     # every training step draws it
     noise = neftune_noise(mask, dim=4096, alpha=5.0)      # train.py: (B, T, dim), training steps only
     embeds = neftune(model.tok_embeddings(tokens), mask, alpha=5.0)   # the same, on embeddings in hand
 

@@ -200,6 +200,13 @@ class Tokenizer:
         self.special_ids = {t.content: i for i, t in sorted(self.hf.get_added_tokens_decoder().items()) if t.special}
         self.bos_id, self.eos_id, self.pad_id, self.stop_ids = hf_special_ids(self.path, self.hf, self.special_ids)
 
+    def check_vocab(self, vocab_size, source):
+        """The one check that these ids are a model's embedding rows: a larger vocabulary would index past
+        the table, a smaller one leave rows that no text reaches. source: whose embedding, for the message."""
+        if self.n_words != vocab_size:
+            raise CheckpointError(f"{self.path}: tokenizer has {self.n_words} pieces but {source}'s embedding "
+                                  f"has {vocab_size} rows")
+
     def encode(self, text, bos=True, eos=False):
         if self.kind == "hf":
             ids = self.hf.encode(text, add_special_tokens=False).ids
