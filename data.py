@@ -20,11 +20,6 @@ ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"
 
 # ---------------------------------------------------------------- reading records
 
-def read_records(path):
-    """A JSON list, or JSONL (one object per line) -> list of raw records; DataError naming the file."""
-    return read_json(path, DataError, expect=list, jsonl=True)
-
-
 def detect_format(records, path):
     if not isinstance(records[0], dict):
         raise DataError(f"{path}: record 0: expected a JSON object, got {type(records[0]).__name__}")
@@ -83,7 +78,7 @@ def normalise(record, fmt, i, path):
 
 
 def read_format(path, fmt=None):  # -> (records as normalised chats, the format)
-    raw = read_records(path)
+    raw = read_json(path, DataError, expect=list, jsonl=True)  # a JSON list, or JSONL: one record per line
     if not raw:
         raise DataError(f"{path}: empty dataset (no records)")
     if fmt is not None and fmt not in FORMATS:
