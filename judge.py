@@ -53,7 +53,7 @@ do not prefer an answer for its length or its position. Reply with the label of 
 
 ## The better answer"""
 PAD_LIMIT = 0.1  # a batch closes before its padding exceeds this share of its tokens
-BOOTSTRAP = 1000  # resamples of the instructions for the LC error bar and the paired intervals
+BOOTSTRAP = 500  # resamples of the instructions for the LC error bar and the paired intervals
 
 
 def judge_messages(instruction, output_1, output_2):
@@ -75,10 +75,11 @@ def pick_template(folder, flag):
     return flag
 
 
-def label_forms(tok, labels=LABELS):
+def label_forms(tok, labels=None):
     """Each label's token ids: every token that reads as the label, with or without a leading space
     (SentencePiece's "▁A" and "A", byte-level BPE's " A" and "A"); their probabilities are summed.
     A label that is not one token of this tokenizer cannot be read at one position: refused."""
+    labels = labels or LABELS
     for label in labels:
         if len(tok.encode(label, bos=False)) != 1:
             raise UserError(f"{tok.path}: the label {label!r} is {len(tok.encode(label, bos=False))} tokens in the "
@@ -249,14 +250,19 @@ def lc_fit(p, d, steps=50):
     """AlpacaEval's length_controlled_minimal, unpenalised: logit P(model wins) = theta + phi * tanh(d / sd(d)),
     d = reference length - model length, fit by Newton's method on soft labels p (maximum likelihood of
     each row as a win weighted p and a loss weighted 1 - p). Batched over leading dims -> theta, phi."""
-    x = torch.stack([torch.ones_like(d), torch.tanh(d / d.std(-1, keepdim=True))], -1)  # (..., n, 2)
-    w = torch.zeros(*d.shape[:-1], 2, dtype=d.dtype)
+    f = torch.tanh(d / d.std(-1, keepdim=True))
+    theta, phi = torch.zeros(d.shape[:-1], dtype=d.dtype), torch.zeros(d.shape[:-1], dtype=d.dtype)
     for _ in range(steps):
-        s = torch.sigmoid((x @ w[..., None])[..., 0])
-        grad = (x * (s - p)[..., None]).sum(-2)
-        hess = x.transpose(-1, -2) @ (x * (s * (1 - s))[..., None]) + 1e-9 * torch.eye(2, dtype=d.dtype)
-        w = (w - torch.linalg.solve(hess, grad[..., None])[..., 0]).clamp(-40, 40)  # clamp: all wins or all losses
-    return w[..., 0], w[..., 1]
+        s = torch.sigmoid(theta[..., None] + phi[..., None] * f)
+        g0, g1 = (s - p).sum(-1), ((s - p) * f).sum(-1)
+        w = s * (1 - s) + 1e-12
+        h00, h01, h11 = w.sum(-1), (w * f).sum(-1), (w * f * f).sum(-1)
+        det = h00 * h11 - h01 * h01
+        step0, step1 = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det  # the 2 x 2 Newton step
+        theta, phi = (theta - step0).clamp(-40, 40), (phi - step1).clamp(-40, 40)  # clamp: all wins or losses
+        if not (step0.abs().nan_to_num().max() > 1e-12 or step1.abs().nan_to_num().max() > 1e-12):
+            break
+    return theta, phi
 
 
 def lc_win_rate(p, d):
