@@ -19,6 +19,7 @@ import torch.nn.functional as F
 import bench_memory
 import lora
 from bench_decode import DTYPES, bench_decode, bench_decode1, sync, timed
+from bench_judge import bench_judge
 from bench_memory import LLAMA2_7B, LOAD_CFG, LOSS_CFG, bench_load, bench_loss, lora_memory
 from model import ModelArgs, Transformer
 from noise import neftune, neftune_noise
@@ -188,6 +189,7 @@ PARTS = {
                                             a.lora_seq_len),
     "init_memory": lambda a, d: bench_memory.init_memory(size_cfg(bench_memory.INIT_CFG, a, preset=False)),
     "grad_sync": lambda a, d: bench_memory.grad_sync(size_cfg(bench_memory.GRAD_SYNC_CFG, a, preset=False)),
+    "judge": lambda a, d: bench_judge(device=d, n_prompts=24),
     "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a), d, a.decode1_dtypes, a.new_tokens,
                                           a.prompt_len, a.decode1_rounds, a.copy_mb, a.profile),
 }

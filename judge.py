@@ -277,6 +277,13 @@ def length_difference(rows):
     return torch.tensor([len(r["output_1"]) - len(r["output_2"]) for r in rows], dtype=torch.float64)
 
 
+def position_bias(rows):
+    """Mean share of the first position's label over both orders of our judge's rows (0.5: none)."""
+    first = [(1 - r["p_model_order_1"] + r["p_model_order_2"]) / 2 for r in rows
+             if r.get("p_model_order_1") is not None]
+    return sum(first) / len(first) if first else None
+
+
 def win_rates(rows, name):
     """One generator's annotation rows -> the leaderboard entry (see docs/evaluation.md for each key)."""
     rows = [r for r in rows if r.get("preference") is not None]
@@ -292,7 +299,6 @@ def win_rates(rows, name):
     decided = d != 0
     longer_won = torch.where(d < 0, p, 1 - p)[decided]  # d < 0: the model's answer is the longer
     ours = [r for r in rows if r.get("p_model_order_1") is not None]
-    first = [(1 - r["p_model_order_1"] + r["p_model_order_2"]) / 2 for r in ours]
     agree = [(r["p_model_order_1"] > 0.5) == (r["p_model_order_2"] > 0.5) for r in ours]
     return {"win_rate": 100 * p.mean().item(), "standard_error": 100 * p.std().item() / math.sqrt(len(p)),
             "discrete_win_rate": 100 * (wins + draws / 2) / len(p), "n_wins": wins, "n_draws": draws,
@@ -300,7 +306,7 @@ def win_rates(rows, name):
             "lc_standard_error": lc_boot[lc_boot.isfinite()].std().item(),
             "avg_length": sum(len(r["output_2"]) for r in rows) / len(rows),
             "p_longer": longer_won.mean().item() if decided.any() else None,
-            "p_first": sum(first) / len(first) if ours else None,
+            "p_first": position_bias(ours),
             "consistency": sum(agree) / len(agree) if ours else None,
             "truncated": sum(bool(r.get("truncated")) for r in rows)}
 
@@ -576,10 +582,15 @@ def run(argv):
     if a.agreement:
         ours = annotation_rows(pairs_by_gen["agreement"], prompts["agreement"], probs, None, None, annotator)
         result = agreement(rows, [r["preference"] for r in ours])
-        result["p_first"] = win_rates(ours, "agreement")["p_first"] if len(ours) > 1 else None
+        result["p_first"] = position_bias(ours)
         write_json(out / "agreement.json", result)
         for k, v in result.items():
             print(f"{k:<26} {fmt(v, '.3f') if isinstance(v, float) else v}")
+        if result["agreement"] is not None and result["longer_answer_agreement"] is not None:
+            better = result["agreement"] > result["longer_answer_agreement"]
+            print(f"this judge agrees {result['agreement']:.1%} with {a.agreement}; always picking the longer answer "
+                  f"agrees {result['longer_answer_agreement']:.1%}: the judge does "
+                  f"{'better' if better else 'NO better'} than length alone")
         return print(f"wrote {out / 'agreement.json'}")
     by_gen = {g: annotation_rows(pairs, prompts[g], probs, ref_gen, g, annotator) for g, pairs in pairs_by_gen.items()}
     for g, rows in by_gen.items():
