@@ -574,8 +574,8 @@ def run(argv):
     try:
         rank, probs = run_judge(a, tok, forms, init, prompts, out)
     except KeyboardInterrupt:
-        raise KeyboardInterrupt(f"; the judged prompts are kept in {out / 'cache.jsonl'}: "
-                                "the same command continues") from None
+        raise KeyboardInterrupt(f"(the judged prompts are kept in {out / 'cache.jsonl'}: "
+                                "the same command continues)") from None
     if rank != 0:
         return
     annotator = f"judge.py:{Path(a.judge).resolve().name}"
