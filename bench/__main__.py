@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import memory
+from bench import judge, memory
 from bench.decode import DTYPES, bench_decode, bench_decode1
 from bench.training import bench_lora, bench_noise, bench_train
 from model import ModelArgs
@@ -45,6 +45,8 @@ PARTS = {
                                                    a.lora_micro_batch, a.lora_seq_len),
     "init_memory": lambda a, d: memory.init_memory(size_cfg(memory.INIT_CFG, a, preset=False)),
     "grad_sync": lambda a, d: memory.grad_sync(size_cfg(memory.GRAD_SYNC_CFG, a, preset=False)),
+    "judge": lambda a, d: judge.bench_judge(judge.SMOLLM2_SHAPE | {"n_layers": a.judge_layers}, d, a.judge_prompts,
+                                            dtype=a.judge_dtype),
     "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a), d, a.decode1_dtypes, a.new_tokens,
                                           a.prompt_len, a.decode1_rounds, a.copy_mb, a.profile),
 }
@@ -96,6 +98,9 @@ def main(argv=None):
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the lora and lora_memory parts")
     p.add_argument("--lora-micro-batch", type=int, default=4, help="lora_memory: micro-batch (LLaMA-2-7B by default)")
     p.add_argument("--lora-seq-len", type=int, default=512, help="lora_memory: sequence length")
+    p.add_argument("--judge-prompts", type=int, default=48, help="judge: prompts judged (200-800 tokens each)")
+    p.add_argument("--judge-layers", type=int, default=4, help="judge: layers of the SmolLM2-135M-shaped judge")
+    p.add_argument("--judge-dtype", choices=list(DTYPES), default="fp32", help="judge: weight dtype")
     p.add_argument("--out", default="bench.json", help="results, merged into the file's existing parts")
     p.add_argument("--loss-batch-size", type=int, default=4, help="micro-batch of the loss-memory bench (x --seq-len)")
     a = p.parse_args(argv)
