@@ -390,9 +390,10 @@ def meta_params(args):
     return params
 
 
-def write_meta(state, args, out_dir, tokenizer_path=None):
-    """params.json + consolidated.00.pth (Meta's key names, one shard) [+ the tokenizer] into a
-    temporary folder renamed into place: a crash never leaves a half-written checkpoint."""
+def write_meta(state, args, out_dir, tokenizer_path=None, template=None):
+    """params.json + consolidated.00.pth (Meta's key names, one shard) [+ the tokenizer, + the record
+    of the chat template trained with] into a temporary folder renamed into place: a crash never
+    leaves a half-written checkpoint."""
     out_dir = Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "params.json").exists():
         raise CheckpointError(f"{out_dir}: exists and is not a checkpoint folder; refusing to replace it")
@@ -402,6 +403,9 @@ def write_meta(state, args, out_dir, tokenizer_path=None):
         torch.save(state, tmp / "consolidated.00.pth")
         if tokenizer_path is not None:
             copy_tokenizer(tokenizer_path, tmp)
+        if template is not None:
+            import chat_template
+            chat_template.record(tmp, template)
     return out_dir
 
 

@@ -91,7 +91,7 @@ def build_data(args, tok_dir, verbose):
         train = data.load_dataset(args.data, tok, args.template, args.max_len, args.format, verbose)
     else:
         records = builtin_data.builtin_records(args.seed, args.builtin_size, args.builtin)
-        train = data.tokenize_records(records, tok, args.template or "alpaca", args.max_len, "built-in data", verbose)
+        train = data.tokenize_records(records, tok, args.template, args.max_len, "built-in data", verbose)
     if args.eval_data:
         held_out = data.load_dataset(args.eval_data, tok, args.template, args.max_len, args.format, verbose)
     else:
@@ -101,6 +101,15 @@ def build_data(args, tok_dir, verbose):
     if args.pack:
         train = data.pack(train, args.max_len)
     return tok, tok_path, train, clean_train, held_out
+
+
+def resolve_template(args):
+    """--template, else the --init folder's own chat template, else the data's default (alpaca for Alpaca
+    records and the built-in data, vicuna for chats): set once, so the settings line says which."""
+    if args.template is None and args.init:
+        args.template = data.folder_template(args.init)
+    if args.template is None:
+        args.template = data.default_template(data.read_format(args.data, args.format)[1]) if args.data else "alpaca"
 
 
 def row_generators(seed, epoch, indices, device):
@@ -305,7 +314,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
     if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
         record |= clean_losses(step)
     export = torch.float32 if args.export_dtype == "fp32" else torch.bfloat16
-    ckpt.export_final(out, model, tok_path, rank, export, lora_cfg, hf=args.export_hf)
+    ckpt.export_final(out, model, tok_path, rank, export, lora_cfg, hf=args.export_hf, template=args.template)
     if not args.data and args.builtin == "tasks" and rank == 0:  # checkable answers: what does the model get right?
         score = sample.write_accuracy(out / "final", tok, held_out, out / "accuracy.json", device)
         log(f"exact match of greedy answers on {len(held_out)} held-out built-in tasks: {score:.1%}")
@@ -329,7 +338,8 @@ def check_only(args, tok_dir):
     if len(train) < args.batch_size:
         raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, "
                         f"fewer than one global batch of {args.batch_size}")
-    print(f"train.py: --check: fine: {what}, {len(train)} training rows, {len(held_out)} held out")
+    print(f"train.py: --check: fine: {what}, {len(train)} training rows, {len(held_out)} held out, "
+          f"template {args.template}")
 
 
 def run(argv):
@@ -337,6 +347,7 @@ def run(argv):
     lock = None
     try:
         args = parse_args(argv)
+        resolve_template(args)
         if args.check:
             return check_only(args, tok_dir)
         rank, world, device, mesh = setup_distributed(args.device)
