@@ -195,6 +195,7 @@ def lr_lambda(warmup, total):
 
 
 PROGRESS = {}  # where the current run is, for the one line that Ctrl-C prints
+SMALL_EVAL = 50  # held-out examples below which a run says its held-out loss is noisy
 
 
 def finished(out, total_steps):
@@ -222,8 +223,9 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
             ckpt.check_lora(saved, ckpt.lora_config(args))
         log(f"--resume: {out} is complete ({total_steps} steps, {out / 'final'}); nothing to do")
         last = [r for r in done if "eval_loss" in r][-1]
+        speeds = [r["tokens_per_s"] for r in done if "tokens_per_s" in r]  # the step-0 evaluation has none
         return dict(alpha=alpha, noise=kind, clean_train_loss=last["clean_train_loss"], eval_loss=last["eval_loss"],
-                    tokens_per_s=sum(r["tokens_per_s"] for r in done) / len(done))
+                    tokens_per_s=sum(speeds) / max(len(speeds), 1))
     model = build_model(args, ckpt.read_init(args.init, tok) if args.init else None, tok.n_words, device, mesh, dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
     lora_cfg = ckpt.lora_config(args)
@@ -252,7 +254,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
     log_path = out / "log.jsonl"
     if rank == 0:  # keep the log consistent with the checkpoint: drop steps a killed run logged past it
         out.mkdir(parents=True, exist_ok=True)  # the first write of a run: everything is checked by now
-        old = log_path.read_text().splitlines() if log_path.exists() else []
+        old = log_path.read_text().splitlines() if log_path.exists() and step else []
         log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
     trained = sum(p.numel() for p in params)
     log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {steps_per_epoch} "
@@ -260,8 +262,16 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params ({trained / 1e6:.3f}M trained), "
         f"{str(dtype)[6:]} on {device.type}")
 
+    if len(held_out) < SMALL_EVAL:
+        log(f"warning: the held-out set has {len(held_out)} examples, under {SMALL_EVAL}: its loss is noisy "
+            f"(a larger --eval-frac, or --eval-data)")
+    if step == 0:  # the loss before finetuning: the pretrained (or initial) model's baseline, at step 0
+        record = dict(step=0, epoch=0.0, tokens=0) | clean_losses(0)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
     pbar = PROGRESS["bar"] = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    speeds, record, order_epoch = [], {}, None
+    speeds, record, order_epoch = [], {}, None  # a run ends with its last step's clean losses
     while step < total_steps:
         epoch, offset = divmod(step, steps_per_epoch)
         if epoch != order_epoch:  # the data order is a function of (seed, epoch): resume is exact
