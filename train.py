@@ -263,8 +263,9 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         f"{str(dtype)[6:]} on {device.type}")
 
     if len(held_out) < SMALL_EVAL:
-        log(f"warning: the held-out set has {len(held_out)} examples, under {SMALL_EVAL}: its loss is noisy "
-            f"(a larger --eval-frac, or --eval-data)")
+        cut = ", and --eval-examples" if len(held_out) == args.eval_examples else ""
+        log(f"warning: the held-out loss is measured on {len(held_out)} examples, under {SMALL_EVAL}: it is noisy "
+            f"(raise --eval-frac or give --eval-data{cut})")
     if step == 0:  # the loss before finetuning: the pretrained (or initial) model's baseline, at step 0
         record = dict(step=0, epoch=0.0, tokens=0) | clean_losses(0)
         if rank == 0:

@@ -224,3 +224,20 @@ def test_sample_uses_the_recorded_template(smol_run, monkeypatch):
              "--template", "chatml")
     assert r.returncode == 0 and r.stderr.count("\n") == 1 and "--template chatml differs" in r.stderr
     assert seen[-1] == [data.prompt_ids([USER], tok, "chatml")]
+
+
+def test_conversions_carry_the_template(chatml, tmp_path):
+    import hf
+
+    tok = Tokenizer(chatml / "tokenizer.json")
+    torch.manual_seed(0)
+    m = Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16))
+    source = save_hf(m, tmp_path / "hf", tokenizer_path=tok.path, dtype=torch.float32)
+    assert (source / "chat_template.jinja").read_text() == SMOLLM2  # it goes where the tokenizer goes
+    for cmd, src, dst in (("to-meta", source, tmp_path / "meta"), ("to-hf", tmp_path / "meta", tmp_path / "back")):
+        assert call(hf.main, cmd, src, dst).returncode == 0
+        assert data.pick_template(dst, None).text == SMOLLM2
+    record(tmp_path / "meta", "chatml")  # a run that trained with data.py's chatml says so, and only that
+    assert call(hf.main, "to-hf", tmp_path / "meta", tmp_path / "named").returncode == 0
+    assert data.pick_template(tmp_path / "named", None) == "chatml"
+    assert not (tmp_path / "named" / "chat_template.jinja").exists()

@@ -209,7 +209,7 @@ def test_finetune_meta_checkpoint_with_eval_file(tmp_path):
     settings = next(line for line in p.stdout.splitlines() + p.stderr.splitlines() if line.startswith("settings:"))
     assert "epochs=3 " in settings and "save_every=200 " in settings  # the paper recipe with --init
     assert " template=alpaca " in settings  # a Meta folder records none: the data's default
-    assert "warning: the held-out set has 6 examples, under 50" in p.stdout + p.stderr
+    assert "warning: the held-out loss is measured on 6 examples, under 50" in p.stdout + p.stderr
     examples = data.load_dataset(tmp_path / "eval.jsonl", tok, "alpaca", 128, verbose=False)
     b = data.collate(examples, tok.pad_id)
     with torch.no_grad():
