@@ -389,7 +389,8 @@ def run(argv):  # the command line: the statistics of a dataset
     p = ArgumentParser(prog="data.py", description="Statistics of an instruction dataset as train.py would see it.")
     p.add_argument("file", help="Alpaca, ShareGPT or messages records, JSON or JSONL")
     p.add_argument("--tokenizer", required=True, help="tokenizer.model (SentencePiece or LLaMA-3's) or tokenizer.json")
-    p.add_argument("--template", choices=TEMPLATES, help="default: alpaca for alpaca data, else vicuna")
+    p.add_argument("--template", choices=TEMPLATES, help="default: the chat template of the tokenizer's folder, "
+                   "else alpaca for alpaca data, else vicuna")
     p.add_argument("--format", choices=FORMATS, help="default: detected from the records' keys")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example; longer ones are truncated")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch size for the padding fraction")
@@ -399,7 +400,7 @@ def run(argv):  # the command line: the statistics of a dataset
         number(flag, x, lo=1)
     tok = Tokenizer(a.tokenizer)
     records, fmt = read_format(a.file, a.format)
-    template = a.template or default_template(fmt)
+    template = a.template or folder_template(Path(a.tokenizer).parent) or default_template(fmt)
     examples, counts = tokenize_all(records, tok, template, a.max_len, a.file)
     n_tokens = sum(len(x["input_ids"]) for x in examples)
     n_response = sum(label != IGNORE for x in examples for label in x["labels"])
