@@ -1,6 +1,9 @@
 """The built-in demo data, made on the spot so that train.py runs with no download: short tasks with
 checkable answers ("tasks", the default demo), invented people's facts that no prompt gives away
 ("facts", Figure 4 on a CPU), and a small SentencePiece tokenizer in LLaMA's layout trained on them.
+
+    torchrun --standalone --nproc_per_node=2 train.py --alpha 5     # the demo: trains on the "tasks"
+    python train.py --recipe fig4 --alpha 0 5 --out out/fig4          # Figure 4 on the "facts"
 """
 import io
 import random

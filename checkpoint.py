@@ -1,11 +1,16 @@
-"""The sharded model and its weights in and out: build_model shards it with FSDP2 (on the meta
-device for --init, each rank then filling only its own rows), resumable DCP checkpoints
-(OUT/ckpt/step_*), the check that no non-finite weight is ever written, and the gathered export of
-the finished model (OUT/final, Meta's layout; OUT/final_hf with --export-hf). train.py calls these.
+"""The sharded model and its weights in and out: lazy readers of Meta's and HF's folders that give
+each rank its own rows, build_model (FSDP2, on the meta device for --init, each rank then filling
+only its own rows), resumable DCP checkpoints (OUT/ckpt/step_*), the check that no non-finite weight
+is ever written, and the gathered export of the finished model (OUT/final, Meta's layout; OUT/final_hf
+with --export-hf). train.py calls these:
+
+    torchrun --nproc_per_node=8 train.py --init llama-2-7b --data alpaca_data.json --alpha 5
 """
 import dataclasses
 import json
 from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.distributed as dist
@@ -15,9 +20,84 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+import hf
 import lora
-from checks import UserError, atomic, remove
-from model import ModelArgs, Transformer, is_hf_folder, meta_weights, write_meta
+from checks import UserError, atomic, read_json, remove
+from model import SPLIT_DIM, ModelArgs, Transformer, check_shapes, meta_parts, write_meta
+
+# ----------------------------------------------------------------------------- reading a rank's rows
+
+@dataclass
+class Weight:
+    """One weight of a checkpoint on disk, in Meta's layout: read(start, end) gives rows start:end,
+    reading only those from the memory-mapped file(s), so each rank of a sharded run reads its own rows."""
+    shape: torch.Size
+    read: Callable[[int, int], torch.Tensor]
+
+
+def merged_weight(parts, dim):
+    """The full tensor that Meta's model-parallel parts concatenate to, as rows on demand."""
+    if dim is None or len(parts) == 1:  # norms are replicated in every part
+        return Weight(parts[0].shape, lambda s, e: parts[0][s:e])
+    if dim == 1:
+        return Weight(torch.Size([parts[0].shape[0], sum(p.shape[1] for p in parts)]),
+                      lambda s, e: torch.cat([p[s:e] for p in parts], dim=1))
+    offsets = [0]
+    for p in parts:
+        offsets.append(offsets[-1] + p.shape[0])
+
+    def rows(s, e):  # the parts are consecutive blocks of rows: take the overlap of each with s:e
+        pieces = [p[max(s - o, 0):e - o] for p, o in zip(parts, offsets) if o < e and o + p.shape[0] > s]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+    return Weight(torch.Size([offsets[-1], *parts[0].shape[1:]]), rows)
+
+
+def meta_weights(ckpt_dir):
+    """Meta's folder -> (ModelArgs, {key: Weight}, tied), checked against params.json, nothing read
+    yet but the files' headers: Meta's model-parallel parts are never concatenated whole."""
+    args, parts, tied, source = meta_parts(ckpt_dir)
+    weights = {k: merged_weight(p, SPLIT_DIM.get(k.split(".")[-2])) for k, p in parts.items()}
+    check_shapes(args, {k: w.shape for k, w in weights.items()}, tied, source)
+    return args, weights, tied
+
+
+def gather_rows(sl, rows):
+    """Rows `rows` (any order) of a safetensors slice, reading only those: one read per run of
+    consecutive rows (two per head of a permuted wq or wk)."""
+    if len(rows) == 0:
+        return sl[0:0]
+    order = rows.argsort()
+    s = rows[order]
+    runs = torch.tensor_split(s, ((s[1:] != s[:-1] + 1).nonzero()[:, 0] + 1).tolist())
+    return torch.cat([sl[int(r[0]):int(r[-1]) + 1] for r in runs])[order.argsort()]
+
+
+def hf_weight(sl, heads=None):
+    """One HF tensor in Meta's layout, rows on demand. Row r of Meta's wq/wk is one row of HF's: the
+    HF row numbers put in Meta's order say which."""
+    shape = torch.Size(sl.get_shape())
+    if heads is None:
+        return Weight(shape, lambda s, e: sl[s:e])
+    hf_row = hf.to_meta_order(torch.arange(shape[0]), heads)
+    return Weight(shape, lambda s, e: gather_rows(sl, hf_row[s:e]))
+
+
+def hf_weights(folder):
+    """An HF folder -> (ModelArgs, {Meta's key: Weight}, tied), checked against config.json with
+    nothing read but the files' headers; the files are memory-mapped and each read takes its own rows."""
+    args, tensors, tied, source = hf.hf_tensors(folder)
+    weights = {k: hf_weight(sl, heads) for k, (sl, heads) in tensors.items()}
+    check_shapes(args, {k: w.shape for k, w in weights.items()}, tied, source, config="config.json")
+    return args, weights, tied
+
+
+def read_init(folder, tok):
+    """--init -> (ModelArgs, {key: Weight}, tied): Meta's layout (params.json) or a Hugging Face
+    folder (config.json), read lazily: each rank later reads only its own rows. tok: the tokenizer the
+    run found there, whose size must be the embedding's."""
+    init = hf_weights(folder) if hf.is_hf_folder(folder) else meta_weights(folder)
+    tok.check_vocab(init[0].vocab_size, folder)
+    return init
 
 
 def local(p):
@@ -36,25 +116,10 @@ def shard_rows(p):
     return start, min(start + per, p.shape[0])
 
 
-def read_init(folder, tok):
-    """--init -> (ModelArgs, {key: model.Weight}, tied): Meta's layout (params.json) or a Hugging Face
-    folder (config.json), read lazily: each rank later reads only its own rows. tok: the tokenizer the
-    run found there, whose size must be the embedding's."""
-    if is_hf_folder(folder):
-        import hf  # safetensors and tokenizers only for HF folders
-        init = hf.hf_weights(folder)
-    else:
-        init = meta_weights(folder)
-    if init[0].vocab_size != tok.n_words:
-        raise UserError(f"{tok.path}: tokenizer has {tok.n_words} pieces but {folder}'s embedding has "
-                        f"{init[0].vocab_size}")
-    return init
-
-
 @torch.no_grad()
 def fill_shards(model, weights, extra=None):
     """Copy each rank's rows of every weight into the sharded model, one weight at a time, reading
-    only those rows from the memory-mapped checkpoint (model.Weight): no rank ever holds the whole
+    only those rows from the memory-mapped checkpoint (Weight): no rank ever holds the whole
     model, nor a second copy of its own shard (copy_ converts the dtype in place). extra: full
     tensors for what the checkpoint lacks (the LoRA adapters' initial values)."""
     for key, p in model.state_dict(keep_vars=True).items():
@@ -123,8 +188,9 @@ def saved_dtype(out, device):
     """The dtype the run(s) in `out` started with, from their checkpoints' train_state.json (a sweep
     keeps one run per subfolder); None without a checkpoint."""
     states = [*out.glob("ckpt/step_*/train_state.json"), *out.glob("*/ckpt/step_*/train_state.json")]
-    # checkpoints written before the dtype was recorded trained in the old default
-    found = {json.loads(p.read_text()).get("dtype", "bf16" if device.type == "cuda" else "fp32") for p in states}
+    found = {read_json(p, expect=dict).get("dtype") for p in states}
+    if None in found:
+        raise UserError(f"{out}: a checkpoint there records no dtype in its train_state.json: not this code's")
     if len(found) > 1:
         raise UserError(f"{out}: its checkpoints were trained in different dtypes ({', '.join(sorted(found))})")
     return found.pop() if found else None
@@ -187,7 +253,7 @@ FLAGS = {"dim": "--dim", "n_layers": "--n-layers", "n_heads": "--n-heads", "max_
 
 def check_lora(path, lora_cfg):
     """The checkpoint's train_state.json, after checking that it was saved with these LoRA settings."""
-    meta = json.loads((path / "train_state.json").read_text())
+    meta = read_json(path / "train_state.json", expect=dict)
     if meta.get("lora") != lora_cfg:
         raise UserError(f"{path}: saved with LoRA settings {meta.get('lora')}, this run has {lora_cfg}; "
                         f"resume with the same --lora-* flags (and the same --init)")
@@ -235,17 +301,17 @@ def gathered_state(model, rank, dtype, lora_cfg=None):
         stem = key.rsplit(".", 1)[0]
         if lora_cfg and f"{stem}.lora_a" in sd:  # an adapted linear: weight, lora_a, lora_b, in this order
             pending[key] = full.float().cpu()
-            if key.endswith(".lora_b"):
-                a, b, w = pending.pop(f"{stem}.lora_a"), pending.pop(key), pending.pop(f"{stem}.weight")
-                state[f"{stem}.weight"] = (w + lora_cfg["alpha"] / lora_cfg["rank"] * (b @ a)).to(dtype)
-                state[f"{stem}.lora_a"], state[key] = a, b
+            if key.endswith(".lora_b"):  # the one merge (lora.py); the adapters are kept beside it
+                part = {k: pending.pop(k) for k in (f"{stem}.weight", f"{stem}.lora_a", key)}
+                state |= lora.merge_state_dict(part, lora_cfg["alpha"] / lora_cfg["rank"], dtype)
+                state |= lora.lora_state_dict(part)
             continue
         state[key] = full.to("cpu", dtype).contiguous()
     return state if rank == 0 else None
 
 
-def export_final(out, model, tok_path, rank, dtype, lora_cfg=None, hf=False, template=None):
-    """OUT/final in Meta's layout (and OUT/final_hf, HF's, with hf=True), written by rank 0 from
+def export_final(out, model, tok_path, rank, dtype, lora_cfg=None, export_hf=False, template=None):
+    """OUT/final in Meta's layout (and OUT/final_hf, HF's, with export_hf=True), written by rank 0 from
     the gathered weights, each recording the chat template trained with (chat_template.record).
     With LoRA: the merged model, and the adapters alone in OUT/adapters.pth."""
     check_finite(model, out, "at the end of training")
@@ -255,7 +321,6 @@ def export_final(out, model, tok_path, rank, dtype, lora_cfg=None, hf=False, tem
             lora.save_adapters(out / "adapters.pth", state, **lora_cfg)
             state = {k: v for k, v in state.items() if not lora.is_adapter(k)}
         write_meta(state, model.args, out / "final", tokenizer_path=tok_path, template=template)
-        if hf:
-            import hf as hf_layout  # safetensors and tokenizers only when asked for
-            hf_layout.write_hf(state, model.args, out / "final_hf", tokenizer_path=tok_path, template=template)
+        if export_hf:
+            hf.write_hf(state, model.args, out / "final_hf", tokenizer_path=tok_path, template=template)
     dist.barrier()

@@ -1,8 +1,12 @@
 """A mistake costs one line, never a run or a file: the error family every script raises, the wrapper
 every script's main runs under, the number and path checks done before any work, the write that is
-never seen half done, and the lock that keeps two training runs out of one --out folder.
+never seen half done, and the lock that keeps two training runs out of one --out folder. Every script
+uses it; what it does shows in any mistake:
+
+    python train.py --alpha nan       # train.py: error: --alpha must be a finite number >= 0, got nan (exit 2)
 """
 import argparse
+import json
 import math
 import os
 import shutil
@@ -11,6 +15,8 @@ import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 
 class UserError(Exception):
@@ -91,17 +97,81 @@ def writable_file(flag, path, overwrite=False):
         raise UserError(f"{path}: {flag} exists; pass --overwrite to replace it")
 
 
+def read_json(path, error=UserError, expect=None, jsonl=False):
+    """The JSON value in `path` (with jsonl=True, JSONL too: one value a line, read as a list), checked to
+    be an `expect` (dict or list) where given; anything else is `error` in one line naming the file."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise error(f"{path}: file not found") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise error(f"{path}: cannot read ({str(e).splitlines()[0]})") from None
+    try:
+        value = json.loads(text)
+        if jsonl and isinstance(value, dict) and len(text.strip().splitlines()) == 1:
+            value = [value]  # JSONL with a single record
+    except json.JSONDecodeError as e:
+        if not jsonl or text.lstrip().startswith("["):
+            raise error(f"{path}: not a JSON file (invalid JSON at line {e.lineno}: {e.msg})") from None
+        value = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            try:
+                value += [json.loads(line)] if line.strip() else []
+            except json.JSONDecodeError as e:
+                raise error(f"{path}: invalid JSON on line {lineno} (JSONL: one record per line): {e.msg}") from None
+    if expect is not None and not isinstance(value, expect):
+        want = {dict: "a JSON object", list: "a JSON list of records or JSONL" if jsonl else "a JSON list"}[expect]
+        raise error(f"{path}: expected {want}, got one JSON {type(value).__name__}")
+    return value
+
+
+def config_value(config, key, path, kind, default=None):
+    """config[key] as a `kind` (bool, int or float: an int is a float too, a bool is neither), or
+    CheckpointError naming the key and file: "dim": "256" would fail far away, in a tensor shape.
+    null or absent means `default`, as in transformers."""
+    v = default if config.get(key) is None else config[key]
+    ok = isinstance(v, bool) if kind is bool else isinstance(v, (int, float) if kind is float else kind)
+    if v is not None and not (ok and (kind is bool or not isinstance(v, bool))):
+        what = {bool: "true or false", int: "an integer"}.get(kind, "a number")
+        raise CheckpointError(f'{path}: "{key}" must be {what}, got {v!r}')
+    return v
+
+
+def load_weights(path):
+    """torch.load of a weights file that never executes code from it and maps it instead of reading it;
+    anything else is one line naming the file."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:  # UnpicklingError (code in the pickle), RuntimeError (not a zip checkpoint), ...
+        pickled = "weights_only" in str(e).lower() or "Unsupported" in str(e)
+        why = "refusing a pickle that is not plain weights" if pickled else str(e).splitlines()[0]
+        raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint ({why})") from None
+
+
 def remove(path):
     shutil.rmtree(path) if path.is_dir() and not path.is_symlink() else path.unlink(missing_ok=True)
 
 
+def check_replace(path, marker):
+    """A folder that holds files may be replaced only if it holds `marker` too (a checkpoint of that kind,
+    e.g. params.json): a mistyped output path never deletes someone's data. atomic(marker=...) checks it;
+    a long job checks it first, before its work."""
+    path = Path(path)
+    if path.exists() and (not path.is_dir() or any(path.iterdir()) and not (path / marker).exists()):
+        raise CheckpointError(f"{path}: exists and is not a checkpoint folder; refusing to replace it")
+
+
 @contextmanager
-def atomic(path, folder=False, tmp=None):
+def atomic(path, folder=False, tmp=None, marker=None):
     """Yield a temporary name beside `path` to write into (a fresh folder when folder=True); when the
     block ends without an error it is renamed onto `path` (a folder already there is replaced whole),
     else removed. So a crash or Ctrl-C never leaves a half-written file or folder: readers see the old
-    one or the new one. tmp: the temporary name, when other processes must know it (DCP's ranks)."""
+    one or the new one. tmp: the temporary name, when other processes must know it (DCP's ranks).
+    marker: see check_replace."""
     path = Path(path)
+    if marker:
+        check_replace(path, marker)
     tmp = Path(tmp) if tmp else path.with_name(f".{path.name}.tmp-{os.getpid()}")
     if tmp.exists():
         remove(tmp)  # left by a killed run

@@ -2,7 +2,6 @@
 
     python data.py ../shared/data/sharegpt_demo.json --tokenizer ../shared/tokenizers/mistral_v1_32k.model --pack
 """
-import json
 import random
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import torch
 
 from chat_template import ChatTemplate, folder_template
-from checks import ArgumentParser, DataError, UserError, number, run_main
+from checks import ArgumentParser, DataError, UserError, number, read_json, run_main
 from model import Tokenizer
 
 IGNORE = -100  # the label F.cross_entropy skips (its default ignore_index)
@@ -22,33 +21,6 @@ ROLES = {"system": "system", "human": "user", "user": "user", "gpt": "assistant"
 
 
 # ---------------------------------------------------------------- reading records
-
-def read_json(path):
-    """A JSON list, or JSONL (one object per line) -> list of raw records."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise DataError(f"{path}: cannot read ({e})") from None
-    try:
-        records = json.loads(text)
-        if isinstance(records, dict) and len(text.strip().splitlines()) == 1:
-            records = [records]  # JSONL with a single record
-    except json.JSONDecodeError as e:
-        if text.lstrip().startswith("["):
-            raise DataError(f"{path}: invalid JSON at line {e.lineno}: {e.msg}") from None
-        records = []  # not one JSON value: JSONL, one record per line
-        for lineno, line in enumerate(text.splitlines(), 1):
-            try:
-                records += [json.loads(line)] if line.strip() else []
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}: invalid JSON on line {lineno} (JSONL: one record per line): "
-                                f"{e.msg}") from None
-    if not isinstance(records, list):
-        raise DataError(f"{path}: expected a JSON list of records or JSONL, got one JSON {type(records).__name__}")
-    return records
-
 
 def detect_format(records, path):
     if not isinstance(records[0], dict):
@@ -108,7 +80,7 @@ def normalise(record, fmt, i, path):
 
 
 def read_format(path, fmt=None):  # -> (records as normalised chats, the format)
-    raw = read_json(path)
+    raw = read_json(path, DataError, expect=list, jsonl=True)  # a JSON list, or JSONL: one record per line
     if not raw:
         raise DataError(f"{path}: empty dataset (no records)")
     if fmt is not None and fmt not in FORMATS:

@@ -9,7 +9,8 @@ import os
 import sys
 from collections import Counter
 
-from checks import ArgumentParser, UserError, run_main
+import plots
+from checks import ArgumentParser, UserError, read_json, run_main
 
 NGRAM_ORDERS = (2, 3, 4)  # the n-grams of Table 4's repetition and diversity
 
@@ -121,24 +122,16 @@ def train_overlap(outputs, train):
 
 
 def load_records(path, keys):
-    """A JSON list of objects whose `keys` are strings. Raises OSError or ValueError with a message
-    that main() can print on one line."""
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
-    if not text.strip():
-        raise ValueError("empty file")
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    """A JSON list of objects whose `keys` are strings, or UserError in one line naming the file."""
+    data = read_json(path)
     want = "not a JSON list of objects with " + " and ".join(f'"{k}"' for k in keys)
     if not isinstance(data, list):
-        raise ValueError(f"{want} (found a JSON {type(data).__name__})")
+        raise UserError(f"{path}: {want} (found a JSON {type(data).__name__})")
     if not data:
-        raise ValueError("empty list, no responses")
+        raise UserError(f"{path}: empty list, no responses")
     for i, rec in enumerate(data):
         if not (isinstance(rec, dict) and all(isinstance(rec.get(k), str) for k in keys)):
-            raise ValueError(f"{want} (item {i} is not)")
+            raise UserError(f"{path}: {want} (item {i} is not)")
     return data
 
 
@@ -200,19 +193,11 @@ def run(argv):
         if problem:
             raise UserError(f"--plot {args.plot}: {problem}")
 
-    def load(path, keys):
-        try:
-            return load_records(path, keys)
-        except OSError as e:
-            raise UserError(f"{path}: {e.strerror or e}") from None
-        except ValueError as e:  # also UnicodeDecodeError
-            raise UserError(f"{path}: {e}") from None
-
-    train = load(args.refs, ("instruction", "output")) if args.refs else None
+    train = load_records(args.refs, ("instruction", "output")) if args.refs else None
     keys = ("instruction", "output") if train else ("output",)
     results = {}
     for path in args.files:  # everything is read and checked before anything is printed
-        outputs = load(path, keys)
+        outputs = load_records(path, keys)
         results[path] = length_stats([o["output"] for o in outputs], args.cutoff)
         if train:
             results[path].update(train_overlap(outputs, train))
@@ -226,7 +211,6 @@ def run(argv):
     else:
         print_table(results, args.cutoff)
     if args.plot:
-        import plots  # matplotlib only when asked for
         plots.plot_table4(results, args.plot)
         print(f"wrote {args.plot}", file=sys.stderr)
 

@@ -1,6 +1,8 @@
 """The one-token decode step of sample.generate, and its compiled form (gpt-fast's recipe): the static
 KV cache is written in place at a slot given as a tensor, so one graph per batch shape serves every
-token; on CUDA it replays as a CUDA graph. bench.py's decode1 part measures it against eager decoding.
+token; on CUDA it replays as a CUDA graph. `python -m bench --only decode1` measures it against eager.
+
+    python sample.py --ckpt out/final --prompt "What is 17 + 25?" --compile     # generate(compile=True)
 """
 import time
 
@@ -40,11 +42,10 @@ def matvec(a, b, out_dtype=None):
 def compiled_step(device):
     """torch.compile(decode_step) for this device type. On a CPU with two of inductor's private
     hooks: batch-1 mm lowered to matvec, and attention decomposed into plain ops that inductor fuses
-    (the CPU flash kernel costs more per call than one query's work against a short cache). Measured
-    on 2 cores of an AMD EPYC with AVX-512-BF16, batch-1 decoding of a 134M model (bench.py decode1):
-    eager 25 / 37 tokens/s (fp32 / bf16), a plain torch.compile 26 / 43, with these decompositions
-    69 / 109. Where the BLAS's mat-vec is already fast they can lose, which step_function's timing
-    catches; without them compiling would buy nothing on such a CPU, so they stay."""
+    (the CPU flash kernel costs more per call than one query's work against a short cache). A plain
+    torch.compile of the step is barely faster than eager on a CPU; with these it is ~2.7x faster
+    (docs/performance.md, decode1, gives the machine and figures). Where the BLAS's mat-vec is already
+    fast they can lose, which step_function's timing catches."""
     if device.type not in _compiled:
         if device.type == "cuda":  # the step replays as a CUDA graph: one launch per token
             backend = dict(mode="reduce-overhead")

@@ -3,7 +3,7 @@
     python hf.py to-meta Llama-3.2-1B/ llama-3.2-1b/    # an HF folder -> params.json + consolidated.00.pth
     python hf.py to-hf out/final out/final_hf          # Meta's layout -> what transformers and vLLM read
 
-hf_weights reads a folder lazily, as model.meta_weights does (train.py --init: each rank its own rows),
+hf_tensors indexes a folder without reading it (checkpoint.hf_weights then reads each rank's rows),
 load_hf builds the model (sample.py --ckpt), write_hf and save_hf write one (train.py --export-hf).
 The trap is RoPE: Meta rotates interleaved feature pairs (2i, 2i+1) of each head, HF rotates halves
 (i, i + head_dim/2), so HF's files hold the rows of wq and wk permuted within each head.
@@ -20,8 +20,19 @@ from pathlib import Path
 import torch
 
 import model as llama
-from chat_template import folder_template, token_strings
-from checks import ArgumentParser, CheckpointError, UserError, atomic, run_main, writable_folder
+from chat_template import folder_template, record, token_strings
+from checks import (
+    ArgumentParser,
+    CheckpointError,
+    UserError,
+    atomic,
+    check_replace,
+    config_value,
+    read_json,
+    run_main,
+    writable_folder,
+)
+from hf_tokenizer import write_hf_tokenizer
 from tokenizer import Tokenizer, read_config
 
 LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -82,21 +93,6 @@ def heads_of(key, args):
 
 # ----------------------------------------------------------------------------- config.json -> ModelArgs
 
-def read_json(path):
-    if not path.is_file():
-        raise CheckpointError(f"{path}: not found")
-    return read_config(path)  # one line for a file that is not JSON
-
-
-def get(config, key, path, kind, default=None):
-    """config[key] of the given kind; null or absent means `default`, as in transformers."""
-    v = default if config.get(key) is None else config[key]
-    if not (isinstance(v, bool) if kind is bool else isinstance(v, kind) and not isinstance(v, bool)):
-        what = {bool: "true or false", int: "an integer"}.get(kind, "a number")
-        raise CheckpointError(f'{path}: "{key}" must be {what}, got {v!r}')
-    return v
-
-
 def refuse(path, key, value):
     raise CheckpointError(f'{path}: "{key}": {value!r} changes the model and is not implemented here')
 
@@ -117,12 +113,12 @@ def rope_args(config, path, max_pos):
     partial = rope.get("partial_rotary_factor", config.get("partial_rotary_factor"))
     if partial not in (None, 1):  # RoPE on only part of each head
         refuse(path, "partial_rotary_factor", partial)
-    theta = float(get(rope, "rope_theta", path, float, config.get("rope_theta", 10000.0)))
+    theta = float(config_value(rope, "rope_theta", path, float, config.get("rope_theta", 10000.0)))
     if kind == "default":
         return dict(rope_theta=theta)
     rope = {"original_max_position_embeddings": max_pos, **rope}  # transformers 5's default, where missing
-    scaling = {f: float(get(rope, k, path, float)) for k, f in LLAMA3_SCALING.items()}
-    scaling["rope_original_context"] = get(rope, "original_max_position_embeddings", path, int)
+    scaling = {f: float(config_value(rope, k, path, float)) for k, f in LLAMA3_SCALING.items()}
+    scaling["rope_original_context"] = config_value(rope, "original_max_position_embeddings", path, int)
     return dict(rope_theta=theta, use_scaled_rope=True, **scaling)
 
 
@@ -146,10 +142,11 @@ def config_args(config, path="config.json"):
         if config.get(key, want) != want:
             refuse(path, key, config[key])
     default = DEFAULTS[model_type]
-    dim, n_heads = get(config, "hidden_size", path, int), get(config, "num_attention_heads", path, int)
-    n_kv = get(config, "num_key_value_heads", path, int, default["num_key_value_heads"] or n_heads)
-    head_dim = get(config, "head_dim", path, int, dim // n_heads)
-    max_pos = get(config, "max_position_embeddings", path, int, default["max_position_embeddings"])
+    dim = config_value(config, "hidden_size", path, int)
+    n_heads = config_value(config, "num_attention_heads", path, int)
+    n_kv = config_value(config, "num_key_value_heads", path, int, default["num_key_value_heads"] or n_heads)
+    head_dim = config_value(config, "head_dim", path, int, dim // n_heads)
+    max_pos = config_value(config, "max_position_embeddings", path, int, default["max_position_embeddings"])
     # Mistral's sliding window masks keys further back than it: the same model only where no position the
     # config allows reaches that far. A run's own --max-len is not known here, so max_position_embeddings
     # is what the window is checked against. (LlamaForCausalLM reads no sliding_window.)
@@ -159,12 +156,12 @@ def config_args(config, path="config.json"):
     if n_heads % n_kv or head_dim % 2:
         raise CheckpointError(f"{path}: {n_heads} heads over {n_kv} KV heads of size {head_dim}: not LLaMA's attention")
     args = llama.ModelArgs(
-        dim=dim, n_layers=get(config, "num_hidden_layers", path, int), n_heads=n_heads,
-        n_kv_heads=None if n_kv == n_heads else n_kv, vocab_size=get(config, "vocab_size", path, int),
-        norm_eps=float(get(config, "rms_norm_eps", path, float, 1e-6)), max_seq_len=max_pos,
+        dim=dim, n_layers=config_value(config, "num_hidden_layers", path, int), n_heads=n_heads,
+        n_kv_heads=None if n_kv == n_heads else n_kv, vocab_size=config_value(config, "vocab_size", path, int),
+        norm_eps=float(config_value(config, "rms_norm_eps", path, float, 1e-6)), max_seq_len=max_pos,
         head_dim=None if head_dim == dim // n_heads else head_dim,
-        **ffn_args(dim, get(config, "intermediate_size", path, int)), **rope_args(config, path, max_pos))
-    return args, get(config, "tie_word_embeddings", path, bool, False)
+        **ffn_args(dim, config_value(config, "intermediate_size", path, int)), **rope_args(config, path, max_pos))
+    return args, config_value(config, "tie_word_embeddings", path, bool, False)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -183,7 +180,7 @@ def weight_files(folder):
     """{tensor name: file}: model.safetensors's own names, or the weight_map of model.safetensors.index.json."""
     index_path, single = folder / "model.safetensors.index.json", folder / "model.safetensors"
     if index_path.is_file():
-        weight_map = read_json(index_path).get("weight_map")
+        weight_map = read_json(index_path, CheckpointError, expect=dict).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(f, str) for f in weight_map.values()):
             raise CheckpointError(f'{index_path}: no "weight_map" of tensor names to file names')
         for name in sorted(set(weight_map.values())):
@@ -196,36 +193,18 @@ def weight_files(folder):
     raise CheckpointError(f"{folder}: no model.safetensors or model.safetensors.index.json{bins}")
 
 
-def gather_rows(sl, rows):
-    """Rows `rows` (any order) of a safetensors slice, reading only those: one read per run of
-    consecutive rows (two per head of a permuted wq or wk)."""
-    if len(rows) == 0:
-        return sl[0:0]
-    order = rows.argsort()
-    s = rows[order]
-    runs = torch.tensor_split(s, ((s[1:] != s[:-1] + 1).nonzero()[:, 0] + 1).tolist())
-    return torch.cat([sl[int(r[0]):int(r[-1]) + 1] for r in runs])[order.argsort()]
-
-
-def lazy_weight(sl, heads=None):
-    """One HF tensor in Meta's layout, rows on demand. Row r of Meta's wq/wk is one row of HF's: the
-    HF row numbers put in Meta's order say which."""
-    shape = torch.Size(sl.get_shape())
-    if heads is None:
-        return llama.Weight(shape, lambda s, e: sl[s:e])
-    hf_row = to_meta_order(torch.arange(shape[0]), heads)
-    return llama.Weight(shape, lambda s, e: gather_rows(sl, hf_row[s:e]))
-
-
-def hf_weights(folder):
-    """An HF folder -> (ModelArgs, {Meta's key: model.Weight}, tied), checked against config.json with
-    nothing read but the files' headers; the files are memory-mapped and each read takes its own rows."""
+def hf_tensors(folder):
+    """An HF folder -> (ModelArgs, {Meta's key: (safetensors slice, heads)}, tied, source), checked
+    against config.json with nothing read but the files' headers. heads: the head count of a wq or wk
+    whose rows HF permuted (to_meta_order undoes it), else None."""
     folder = Path(folder)
     config_path = folder / "config.json"
-    args, tied = config_args(read_json(config_path), config_path)
+    if not config_path.is_file():
+        raise CheckpointError(f"{config_path}: not found")
+    args, tied = config_args(read_json(config_path, CheckpointError, expect=dict), config_path)
     files = weight_files(folder)
     handles = {p: open_safetensors(p) for p in sorted(set(files.values()))}
-    weights = {}
+    tensors = {}
     for name, path in files.items():
         key = meta_name(name)
         if name.endswith("rotary_emb.inv_freq") or key == "output.weight" and tied:
@@ -235,25 +214,29 @@ def hf_weights(folder):
         sl = handles[path].get_slice(name)
         if sl.get_dtype() not in DTYPES.values():
             raise CheckpointError(f"{path}: {name} is {sl.get_dtype()}, not a bf16, fp16 or fp32 weight")
-        weights[key] = lazy_weight(sl, heads_of(key, args))
-    emb = weights.get("tok_embeddings.weight")
-    if emb is not None and emb.shape[0] != args.vocab_size:
+        tensors[key] = (sl, heads_of(key, args))
+    emb = tensors.get("tok_embeddings.weight")
+    if emb is not None and emb[0].get_shape()[0] != args.vocab_size:
         raise CheckpointError(f"{config_path}: vocab_size is {args.vocab_size} but the embedding in "
-                              f"{files['model.embed_tokens.weight']} has {emb.shape[0]} rows")
-    llama.check_weights(args, weights, tied, f"{folder} ({len(handles)} file(s))", config="config.json")
-    return args, weights, tied
+                              f"{files['model.embed_tokens.weight']} has {emb[0].get_shape()[0]} rows")
+    return args, tensors, tied, f"{folder} ({len(handles)} file(s))"
 
 
 def load_hf(folder, dtype=None, device="cpu"):
     """An HF folder -> Transformer in eval mode, its tokenizer's size checked against the embedding."""
-    return llama.build(*hf_weights(folder), dtype=dtype, device=device, tok_dir=folder)
+    args, tensors, tied, source = hf_tensors(folder)
+    state = {k: sl[:] if heads is None else to_meta_order(sl[:], heads) for k, (sl, heads) in tensors.items()}
+    return llama.build(args, state, tied, dtype, device, tok_dir=folder, source=source, config="config.json")
+
+
+def is_hf_folder(folder):
+    """A Hugging Face folder (config.json, safetensors) rather than Meta's (params.json)."""
+    return (Path(folder) / "config.json").is_file() and not (Path(folder) / "params.json").is_file()
 
 
 def load_any(folder, dtype=None, device="cpu"):
-    """A Meta folder (params.json) or an HF one (config.json) -> Transformer: what sample.py --ckpt and
-    python model.py take."""
-    load = load_hf if llama.is_hf_folder(folder) else llama.load_meta
-    return load(folder, dtype=dtype, device=device)
+    """A Meta folder (params.json) or an HF one (config.json) -> Transformer: what sample.py --ckpt takes."""
+    return (load_hf if is_hf_folder(folder) else llama.load_meta)(folder, dtype=dtype, device=device)
 
 
 # ----------------------------------------------------------------------------- writing
@@ -319,23 +302,16 @@ def write_json(path, obj):
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def check_out(out_dir, marker):
-    """As write_meta: an existing folder is replaced only if it is a checkpoint of that kind (`marker`)."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir()) and not (out_dir / marker).exists()):
-        raise CheckpointError(f"{out_dir}: exists and is not a checkpoint folder; refusing to replace it")
-    return out_dir
-
-
 def write_hf(state, args, out_dir, tokenizer_path=None, dtype=None, max_shard_bytes=SHARD_BYTES, template=None):
     """Meta's keys (tied: no output.weight, or the embedding tensor itself) -> an HF folder: config.json,
     model.safetensors (or shards of at most max_shard_bytes with model.safetensors.index.json),
     generation_config.json, the tokenizer and the record of the chat template trained with
     (chat_template.record), written into a temporary folder renamed into place."""
-    out_dir = check_out(out_dir, "config.json")
+    out_dir = Path(out_dir)
+    check_replace(out_dir, "config.json")
     tied = state.get("output.weight") is None or state["output.weight"] is state["tok_embeddings.weight"]
-    shapes = {k: llama.Weight(v.shape, None) for k, v in state.items() if not (k == "output.weight" and tied)}
-    llama.check_weights(args, shapes, tied, "the weights to write", config="their ModelArgs")
+    shapes = {k: v.shape for k, v in state.items() if not (k == "output.weight" and tied)}
+    llama.check_shapes(args, shapes, tied, "the weights to write", config="their ModelArgs")
     for key, v in state.items():
         if not torch.isfinite(v).all():
             raise CheckpointError(f"{key}: non-finite values; {out_dir} not written")
@@ -350,8 +326,7 @@ def write_hf(state, args, out_dir, tokenizer_path=None, dtype=None, max_shard_by
         shards[-1].append((hf_name(key), shape, dtype, partial(converted, state[key], heads_of(key, args), dtype)))
     n = len(shards)
     names = ["model.safetensors"] if n == 1 else [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with atomic(out_dir, folder=True) as tmp:
+    with atomic(out_dir, folder=True, marker="config.json") as tmp:
         for name, shard in zip(names, shards):
             write_safetensors(tmp / name, shard)
         if n > 1:
@@ -361,59 +336,41 @@ def write_hf(state, args, out_dir, tokenizer_path=None, dtype=None, max_shard_by
             write_json(tmp / "model.safetensors.index.json", index)
         write_json(tmp / "config.json", hf_config(args, tied, dtype, tok))
         if tok is not None:
-            from hf_tokenizer import write_hf_tokenizer
-
             write_hf_tokenizer(tok, tmp)  # with the source's generation_config.json, if it has one: kept, and
             # every stop id as an EOS: transformers' generate then ends an answer where sample.py does
             gen = read_config(tmp / "generation_config.json")
             write_json(tmp / "generation_config.json", gen | {"bos_token_id": config_bos_id(tok),
                                                               "eos_token_id": tok.stop_ids, "pad_token_id": tok.pad_id})
         if template is not None:
-            import chat_template
-            chat_template.record(tmp, template)
+            record(tmp, template)
     return out_dir
 
 
-def save_hf(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
+def save_hf(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16, template=None):
     """A Transformer as an HF folder, each weight cast to dtype as it is written."""
-    state = {k: v.detach() for k, v in model.state_dict().items()}
-    if model.output.weight is model.tok_embeddings.weight:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return write_hf(state, model.args, out_dir, tokenizer_path, dtype)
+    return write_hf(llama.model_state(model), model.args, out_dir, tokenizer_path, dtype, template=template)
 
 
 # ----------------------------------------------------------------------------- the command line
 
-def full_state(src, read):
-    """(every weight read whole, args, tokenizer file) of a folder, the tokenizer checked against the embedding."""
-    tok_path = llama.find_tokenizer(src, required=True)
-    args, weights, tied = read(src)
-    n_words = Tokenizer(tok_path).n_words
-    if n_words != args.vocab_size:
-        raise CheckpointError(f"{tok_path}: tokenizer has {n_words} pieces but the embedding has "
-                              f"{args.vocab_size} rows")
-    state = {k: w.read(0, w.shape[0]) for k, w in weights.items()}
-    if tied:  # under both of Meta's names, as one tensor, as save_meta writes it
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return state, args, tok_path
-
-
 def to_meta(src, out):
-    if not llama.is_hf_folder(src):
+    if not is_hf_folder(src):
         raise UserError(f"{src}: not a Hugging Face folder (no config.json, or a params.json beside it)")
-    check_out(out, "params.json")
-    # the tokenizer our scripts read in the HF folder: tokenizer.json (with the files that set its
-    # special ids) where there is one, so the Meta folder tokenizes as the HF one did
-    state, args, tok_path = full_state(src, hf_weights)
-    llama.write_meta(state, args, out, tokenizer_path=tok_path, template=folder_template(src))
+    check_replace(out, "params.json")
+    # the tokenizer our scripts read there: tokenizer.json (with the files that set its special ids)
+    # where there is one, so the Meta folder tokenizes as the HF one did
+    tok_path = llama.find_tokenizer(src, required=True)
+    llama.save_meta(load_hf(src), out, tokenizer_path=tok_path, dtype=None,  # each weight in its own dtype
+                    template=folder_template(src))
 
 
 def to_hf(src, out):
     if not (src / "params.json").is_file():
         raise UserError(f"{src}: not a Meta folder (no params.json)")
-    check_out(out, "config.json")
-    state, args, tok_path = full_state(src, llama.meta_weights)  # memory-mapped: each read as it is written
-    write_hf(state, args, out, tokenizer_path=tok_path, template=folder_template(src))
+    check_replace(out, "config.json")
+    tok_path = llama.find_tokenizer(src, required=True)
+    save_hf(llama.load_meta(src), out, tokenizer_path=tok_path, dtype=None,  # every weight in the embedding's dtype
+            template=folder_template(src))
 
 
 def run(argv):

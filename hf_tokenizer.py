@@ -3,6 +3,7 @@ transformers, vLLM and lm-evaluation-harness read: SentencePiece in the layout o
 tokenizer.json, LLaMA-3's tiktoken BPE as byte-level BPE. Read back by tokenizer.Tokenizer, like any.
 
     write_hf_tokenizer(Tokenizer("llama-2-7b/tokenizer.model"), "out/final_hf")
+    python hf.py to-hf llama-2-7b/ llama-2-7b-hf/      # the command that writes one beside the weights
 """
 import itertools
 import json

@@ -1,8 +1,9 @@
 """LoRA (Hu et al. 2021, arXiv 2106.09685): finetune a frozen model through low-rank side paths,
 h = W x + (alpha / r) B A x, with A random and B zero so that step 0 is exactly the base model.
 
-    lora.add_lora(model, rank=16, alpha=16, dropout=0.05)          # train.py --lora-rank 16
-    plain = lora.merge_state_dict(model.state_dict(), 16 / 16)     # Meta's keys, W + (alpha/r) B A
+    torchrun --standalone --nproc_per_node=1 train.py --init llama-2-7b --data alpaca.json --lora-rank 16
+    lora.add_lora(model, rank=16, alpha=16, dropout=0.05)          # what --lora-rank does
+    plain = lora.merge_state_dict(model.state_dict(), 16 / 16)     # the export's merge: W + (alpha/r) B A
 
 Base weights keep their Meta key names (layers.0.attention.wq.weight) and the adapters sit beside
 them (layers.0.attention.wq.lora_a, .lora_b), so a Meta checkpoint still loads into the base.

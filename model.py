@@ -1,27 +1,23 @@
-"""LLaMA-1/2/3.x in one file, and Meta's own checkpoint folders in and out.
+"""LLaMA-1/2/3.x, the network alone, and Meta's own checkpoint folders in and out.
 
-    python model.py llama-2-7b/ --prompt "The capital of France is"
+    python sample.py --ckpt llama-2-7b/ --prompt "The capital of France is"   # what loads and runs it
 
 Reads top to bottom like Meta's llama/model.py: ModelArgs (= params.json), RMSNorm, RoPE, the KV
-cache, Attention (GQA), FeedForward (SwiGLU), the Transformer; then Meta's format: meta_weights
-(reads consolidated.NN.pth lazily, a block of rows at a time), load_meta, save_meta.
+cache, Attention (GQA), FeedForward (SwiGLU), the Transformer; then Meta's format at its simplest:
+load_meta, save_meta. (Reading a rank's own rows of a checkpoint is checkpoint.py's.)
 """
 import json
 import math
-import sys
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import ArgumentParser, CheckpointError, atomic, number, run_main
+from checks import CheckpointError, atomic, config_value, load_weights, read_json
 from tokenizer import Tokenizer, copy_tokenizer, find_tokenizer  # noqa: F401 (`from model import Tokenizer`)
-
-META_ROPE_SCALING = dict(rope_scaling_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
-                         rope_original_context=8192)  # apply_scaling's constants in Meta's llama-models
 
 
 @dataclass
@@ -36,8 +32,8 @@ class ModelArgs:  # the fields of Meta's params.json, one to one, then the few t
     norm_eps: float = 1e-5
     rope_theta: float = 10000.0
     max_seq_len: int = 2048
-    use_scaled_rope: bool = False  # LLaMA-3.1/3.2: Meta's long-context RoPE frequency scaling, with:
-    rope_scaling_factor: float = 8.0  # Meta's code uses 8 for every model; HF's Llama-3.2 configs say 32
+    use_scaled_rope: bool = False  # LLaMA-3.1/3.2: Meta's long-context RoPE frequency scaling, with
+    rope_scaling_factor: float = 8.0  # apply_scaling's constants: Meta's code uses 8 for every model, HF's 3.2 says 32
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192
@@ -52,13 +48,8 @@ class ModelArgs:  # the fields of Meta's params.json, one to one, then the few t
         for k in sorted(set(d) - known - {"max_batch_size"}):  # max_batch_size: Meta's generation setting
             if d[k] is not None:
                 raise CheckpointError(f"{source}: key {k!r} changes the model and is not implemented here")
-        for f in fields(cls):  # "dim": "256" would fail far away, in a tensor shape
-            want = getattr(f.type, "__args__", (f.type,))[0]  # Optional[int] -> int
-            v = d.get(f.name)
-            if v is not None and (not isinstance(v, (int, float) if want is float else want)
-                                  or isinstance(v, bool) != (want is bool)):
-                kind = {bool: "true or false", int: "an integer"}.get(want, "a number")
-                raise CheckpointError(f"{source}: \"{f.name}\" must be {kind}, got {v!r}")
+        for f in fields(cls):
+            config_value(d, f.name, source, getattr(f.type, "__args__", (f.type,))[0])  # Optional[int] -> int
         return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
 
@@ -75,19 +66,17 @@ class RMSNorm(nn.Module):
 
 
 def scale_rope_frequencies(inv_freq, args):
-    """LLaMA-3.1's context extension (apply_scaling in Meta's llama-models): rotations with wavelength
-    below original_context / high_freq_factor (2048 positions) are kept, those above
-    original_context / low_freq_factor (8192) are slowed down `factor` times, and the band between
-    is interpolated linearly in original_context / wavelength."""
+    """LLaMA-3.1's context extension (apply_scaling in Meta's llama-models): wavelengths below original_context
+    / high_freq_factor (2048 positions) are kept, those above original_context / low_freq_factor (8192) slowed
+    `factor` times, and the band between interpolated linearly in original_context / wavelength."""
     lo, hi, old = args.rope_low_freq_factor, args.rope_high_freq_factor, args.rope_original_context
     smooth = ((old * inv_freq / (2 * math.pi) - lo) / (hi - lo)).clamp(0, 1)
     return (1 - smooth) * inv_freq / args.rope_scaling_factor + smooth * inv_freq
 
 
 def rope_cos_sin(positions, args):
-    """Rotation angles position * theta^(-2i/head_dim) (RoFormer eq. 15), in fp32 like Meta's
-    precompute_freqs_cis. Computed per call from the positions, so packed rows and left-padded
-    generation batches simply pass their own positions; it is a few KB of work."""
+    """Angles position * theta^(-2i/head_dim) (RoFormer eq. 15) in fp32, as Meta's precompute_freqs_cis; per call
+    from the positions (a few KB of work), so packed rows and left-padded batches pass their own."""
     hd = args.head_dim or args.dim // args.n_heads
     inv_freq = 1.0 / args.rope_theta ** (torch.arange(0, hd, 2, device=positions.device).float() / hd)
     if args.use_scaled_rope:
@@ -105,9 +94,8 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """The static cache of generation (gpt-fast's): allocated once at its full length, and each step
-    writes its keys and values in place at the slots given as a tensor, so every decode step has the
-    same shapes and one compiled graph serves them all. Slots not yet written are masked."""
+    """The static cache of generation (gpt-fast's): allocated at full length, written in place at the slots given
+    as a tensor, so every decode step has the same shapes and one compiled graph serves them all."""
 
     def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
         super().__init__()
@@ -205,20 +193,16 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
-        self.apply(self._init_weights)  # for training from scratch; load_meta overwrites it all
-
-    @staticmethod
-    def _init_weights(m):
-        if isinstance(m, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(m.weight, mean=0.0, std=0.02)
+        for m in self.modules():  # for training from scratch; load_meta overwrites it all
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
     def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=None, head=None):
-        """tokens (B, T) -> logits (B, T, vocab). noise (B, T, dim): NEFTune's, added to the token
-        embeddings (train.py draws it; added here, inside forward, so that FSDP gathers the embedding).
-        mask (B, keys): True at real tokens, for left-padded batches (generation). positions (B, T):
-        RoPE positions (default 0..T-1 or the cache slots); packed rows restart them per document,
-        with segment_ids. cache_pos (T,): the KV-cache slots of these tokens while generating.
-        head(h, output) replaces the output layer: train.py computes the loss there, chunk by chunk."""
+        """tokens (B, T) -> logits (B, T, vocab). noise (B, T, dim): NEFTune's, drawn by train.py and added to
+        the token embeddings here, inside forward, where FSDP has gathered the embedding. mask (B, keys): real
+        tokens of left-padded batches. positions (B, T): RoPE's (default 0..T-1 or the cache slots), restarted
+        per document of a packed row (segment_ids). cache_pos (T,): these tokens' KV-cache slots while
+        generating. head(h, output) replaces the output layer: train.py's chunked loss."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
             h = h + noise.to(h.dtype)
@@ -250,155 +234,104 @@ class Transformer(nn.Module):
         for layer in self.layers:
             layer.attention.cache = None
 
+    @property
+    def tied(self):  # one matrix as both the embedding and the output layer (LLaMA-3.2 1B/3B)
+        return self.output.weight is self.tok_embeddings.weight
+
     def num_params(self):
         return sum(p.numel() for p in self.parameters())
 
 
 # ----------------------------------------------------------------------------- Meta's format
 
-@dataclass
-class Weight:
-    """One weight of a checkpoint on disk, in Meta's layout: read(start, end) gives rows start:end,
-    reading only those from the memory-mapped file(s), so each rank of a sharded run reads its own rows."""
-    shape: torch.Size
-    read: Callable[[int, int], torch.Tensor]
-
-
 # How Meta's model-parallel code split each weight across consolidated.NN.pth (fairscale layers):
 # ParallelEmbedding and RowParallelLinear (wo, w2) along dim 1, ColumnParallelLinear along dim 0.
 SPLIT_DIM = {"tok_embeddings": 1, "wo": 1, "w2": 1, "wq": 0, "wk": 0, "wv": 0, "w1": 0, "w3": 0, "output": 0}
 
 
-def load_weights(path):
-    """torch.load that never executes code from the file, and maps it instead of reading it."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except Exception as e:  # UnpicklingError (code in the pickle), RuntimeError (not a zip checkpoint), ...
-        pickled = "weights_only" in str(e).lower() or "Unsupported" in str(e)
-        why = "refusing a pickle that is not plain weights" if pickled else str(e).splitlines()[0]
-        raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint ({why})") from None
-
-
-def merged_weight(parts, dim):
-    """The full tensor that Meta's model-parallel parts concatenate to, as rows on demand."""
-    if dim is None or len(parts) == 1:  # norms are replicated in every part
-        return Weight(parts[0].shape, lambda s, e: parts[0][s:e])
-    if dim == 1:
-        return Weight(torch.Size([parts[0].shape[0], sum(p.shape[1] for p in parts)]),
-                      lambda s, e: torch.cat([p[s:e] for p in parts], dim=1))
-    offsets = [0]
-    for p in parts:
-        offsets.append(offsets[-1] + p.shape[0])
-
-    def rows(s, e):  # the parts are consecutive blocks of rows: take the overlap of each with s:e
-        pieces = [p[max(s - o, 0):e - o] for p, o in zip(parts, offsets) if o < e and o + p.shape[0] > s]
-        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
-    return Weight(torch.Size([offsets[-1], *parts[0].shape[1:]]), rows)
-
-
-def meta_weights(ckpt_dir):
-    """Meta's folder -> (ModelArgs, {key: Weight}, tied), checked against params.json, nothing read
-    yet but the files' headers. tied: no output.weight, or one equal to the embedding (LLaMA-3.2 1B/3B
-    were trained so, as HF's tie_word_embeddings finetunes them): the model keeps one matrix."""
+def meta_parts(ckpt_dir):
+    """Meta's folder -> (ModelArgs, {key: [its model-parallel parts]}, tied, source), memory-mapped, nothing
+    read but headers. tied: no output.weight, or one equal to the embedding (LLaMA-3.2 1B/3B): one matrix."""
     ckpt_dir = Path(ckpt_dir)
     params_path = ckpt_dir / "params.json"
     if not params_path.is_file():
         raise CheckpointError(f"{ckpt_dir}: no params.json (expected Meta's layout: params.json + consolidated.NN.pth)")
-    try:
-        params = json.loads(params_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{params_path}: invalid JSON ({e})") from None
-    args = ModelArgs.from_dict(params, source=str(params_path))
+    args = ModelArgs.from_dict(read_json(params_path, CheckpointError, expect=dict), source=str(params_path))
     paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth weight files")
-    for i, p in enumerate(paths):
+    shards = [load_weights(p) for p in paths]
+    for i, (s, p) in enumerate(zip(shards, paths)):
         if p.name != f"consolidated.{i:02d}.pth":
             raise CheckpointError(f"{ckpt_dir / f'consolidated.{i:02d}.pth'}: missing shard ({len(paths)} found)")
-    shards = [load_weights(p) for p in paths]
-    for s, p in zip(shards[1:], paths[1:]):
         if set(s) != set(shards[0]):
             raise CheckpointError(f"{p}: its keys differ from {paths[0].name}'s")
-    state = {k: [s[k] for s in shards] for k in shards[0] if k != "rope.freqs"}  # LLaMA-1's RoPE table
-    emb, out = state.get("tok_embeddings.weight"), state.pop("output.weight", None)
+    parts = {k: [s[k] for s in shards] for k in shards[0] if k != "rope.freqs"}  # LLaMA-1's RoPE table
+    emb, out = parts.get("tok_embeddings.weight"), parts.get("output.weight")
     tied = emb is not None and (out is None or all(torch.equal(a, b) for a, b in zip(out, emb)))
-    if not tied and out is not None:
-        state["output.weight"] = out
-    weights = {k: merged_weight(parts, SPLIT_DIM.get(k.split(".")[-2])) for k, parts in state.items()}
-    if args.vocab_size <= 0 and emb is not None:
-        args.vocab_size = weights["tok_embeddings.weight"].shape[0]
-    check_weights(args, weights, tied, f"{ckpt_dir} ({len(paths)} shard(s))")
-    return args, weights, tied
+    if tied:
+        parts.pop("output.weight", None)
+    args.vocab_size = emb[0].shape[0] if args.vocab_size <= 0 and emb else args.vocab_size  # split on dim 1
+    return args, parts, tied, f"{ckpt_dir} ({len(paths)} shard(s))"
 
 
-def check_weights(args, weights, tied, source, config="params.json"):
-    """Keys and shapes against the model that args (read from `config`) describe, before anything is read."""
+def check_shapes(args, shapes, tied, source, config="params.json"):
+    """Keys and shapes ({key: torch.Size}) against the model args (from `config`) describe: one line, not pages."""
     if args.vocab_size <= 0:
         raise CheckpointError(f"{source}: no tok_embeddings.weight")
     with torch.device("meta"):
         expected = {k: v.shape for k, v in Transformer(args).state_dict().items()}
     expected.pop("output.weight") if tied else None
-    missing, unexpected = sorted(set(expected) - set(weights)), sorted(set(weights) - set(expected))
+    missing, unexpected = sorted(set(expected) - set(shapes)), sorted(set(shapes) - set(expected))
     if missing or unexpected:
         raise CheckpointError(f"{source}: keys disagree with {config} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
     for k, shape in expected.items():
-        if weights[k].shape != shape:
-            raise CheckpointError(f"{source}: {k} has shape {tuple(weights[k].shape)} "
-                                  f"but {config} implies {tuple(shape)}")
+        if shapes[k] != shape:
+            raise CheckpointError(f"{source}: {k} has shape {tuple(shapes[k])} but {config} implies {tuple(shape)}")
 
 
-def build(args, weights, tied, dtype=None, device="cpu", tok_dir=None):
-    """A Transformer in eval mode holding `weights`: built on the meta device and given the tensors
-    (memory-mapped, for a one-file checkpoint), so memory holds the weights once."""
-    tok_path = find_tokenizer(tok_dir) if tok_dir is not None else None
-    n_words = Tokenizer(tok_path).n_words if tok_path is not None else args.vocab_size
-    if n_words != args.vocab_size:
-        raise CheckpointError(f"{tok_path}: tokenizer has {n_words} pieces but the embedding has "
-                              f"{args.vocab_size} rows")
+def build(args, state, tied, dtype=None, device="cpu", tok_dir=None, source="the checkpoint", config="params.json"):
+    """A Transformer in eval mode holding `state` (whole tensors, Meta's keys), shapes and tokenizer checked
+    first: built on the meta device and given the (memory-mapped) tensors, so memory holds them once."""
+    check_shapes(args, {k: v.shape for k, v in state.items()}, tied, source, config)
+    if tok_dir is not None and find_tokenizer(tok_dir) is not None:
+        Tokenizer(find_tokenizer(tok_dir)).check_vocab(args.vocab_size, source)
     with torch.device("meta"):
         model = Transformer(args)
-    state = {k: w.read(0, w.shape[0]) for k, w in weights.items()}
-    if tied:
-        state["output.weight"] = state["tok_embeddings.weight"]
+    state = name_tied(state, tied)
     model.load_state_dict({k: v if dtype is None else v.to(dtype) for k, v in state.items()}, assign=True)
-    if tied:  # one Parameter in two places: trained as one, and save_meta writes both keys
+    if tied:
         model.output.weight = model.tok_embeddings.weight
     return model.to(device).eval()
 
 
-def is_hf_folder(folder):
-    """A Hugging Face folder (config.json, safetensors: hf.py reads it) rather than Meta's (params.json)."""
-    return (Path(folder) / "config.json").is_file() and not (Path(folder) / "params.json").is_file()
+def name_tied(state, tied):
+    """A tied model's state dict: output.weight is the embedding tensor itself (Meta's files name it twice)."""
+    return state | {"output.weight": state["tok_embeddings.weight"]} if tied else state
 
 
 def load_meta(ckpt_dir, dtype=None, device="cpu"):
-    """Meta's folder (params.json + consolidated.NN.pth, model-parallel shards merged) -> Transformer."""
-    return build(*meta_weights(ckpt_dir), dtype=dtype, device=device, tok_dir=ckpt_dir)
+    """Meta's folder (params.json + consolidated.NN.pth, model-parallel parts concatenated) -> Transformer."""
+    args, parts, tied, source = meta_parts(ckpt_dir)
+    dims = {k: SPLIT_DIM.get(k.split(".")[-2]) for k in parts}  # None: a norm, the same in every part
+    state = {k: p[0] if dims[k] is None else torch.cat(p, dim=dims[k]) for k, p in parts.items()}
+    return build(args, state, tied, dtype, device, tok_dir=ckpt_dir, source=source)
 
 
 def meta_params(args):
-    """params.json as Meta's files have it: no max_seq_len (Meta's ModelArgs(max_seq_len=..., **params)
-    would fail on it), rope_theta and use_scaled_rope only where LLaMA-1/2's code would differ. HF's
-    RoPE numbers, head_dim or hidden_dim are extra keys that load_meta reads and Meta's code does not."""
+    """params.json as Meta's files have it: the shape always, other keys only where they differ from
+    LLaMA-1/2's defaults (HF's RoPE numbers, head_dim, hidden_dim: extra keys Meta's code ignores), and
+    no max_seq_len (Meta's ModelArgs(max_seq_len=..., **params) would fail on it)."""
     d, default = asdict(args), asdict(ModelArgs())
-    keep = {"dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps"}
-    params = {k: v for k, v in d.items() if k in keep and v is not None}
-    params |= {k: d[k] for k in ("rope_theta", "use_scaled_rope", "head_dim", "hidden_dim") if d[k] != default[k]}
-    if args.use_scaled_rope:
-        params |= {k: d[k] for k, v in META_ROPE_SCALING.items() if d[k] != v}
-    return params
+    shape = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "multiple_of", "ffn_dim_multiplier", "norm_eps")
+    return {k: v for k, v in d.items() if k != "max_seq_len" and v is not None and (k in shape or v != default[k])}
 
 
 def write_meta(state, args, out_dir, tokenizer_path=None, template=None):
-    """params.json + consolidated.00.pth (Meta's key names, one shard) [+ the tokenizer, + the record
-    of the chat template trained with] into a temporary folder renamed into place: a crash never
-    leaves a half-written checkpoint."""
-    out_dir = Path(out_dir)
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / "params.json").exists():
-        raise CheckpointError(f"{out_dir}: exists and is not a checkpoint folder; refusing to replace it")
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    with atomic(out_dir, folder=True) as tmp:
+    """params.json + consolidated.00.pth (one shard) [+ the tokenizer, + the record of the chat template
+    trained with], written whole or not at all."""
+    with atomic(out_dir, folder=True, marker="params.json") as tmp:
         (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")
         if tokenizer_path is not None:
@@ -409,36 +342,12 @@ def write_meta(state, args, out_dir, tokenizer_path=None, template=None):
     return out_dir
 
 
-def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
-    """A model in Meta's layout, readable by Meta's own code and every converter of Meta's layout.
-    A tied output layer is written under both of Meta's names, as one tensor."""
+def model_state(model, dtype=None):
+    """The model's weights on the CPU, in `dtype` if given; a tied output under both of Meta's names."""
     state = {k: v.detach().to("cpu", dtype).contiguous() for k, v in model.state_dict().items()}
-    if model.output.weight is model.tok_embeddings.weight:
-        state["output.weight"] = state["tok_embeddings.weight"]
-    return write_meta(state, model.args, out_dir, tokenizer_path)
+    return name_tied(state, model.tied)
 
 
-@torch.no_grad()
-def run(argv):
-    p = ArgumentParser(prog="model.py", description="Load a LLaMA folder, print its shape and greedy continuation.")
-    p.add_argument("ckpt_dir", help="Meta's layout (params.json, consolidated.NN.pth) or a Hugging Face folder")
-    p.add_argument("--prompt", default="The capital of France is", help="text to continue")
-    p.add_argument("--tokens", type=int, default=16, help="greedy tokens to generate (no cache: a quick check)")
-    a = p.parse_args(argv)
-    number("--tokens", a.tokens, lo=1)
-    import hf  # here, not at the top: hf.py imports this file
-    model = hf.load_any(a.ckpt_dir)
-    tok = Tokenizer(find_tokenizer(a.ckpt_dir, required=True))
-    print(f"{a.ckpt_dir}: {model.num_params() / 1e6:.1f}M parameters, {model.args}")
-    ids = tok.encode(a.prompt)
-    for _ in range(a.tokens):
-        ids.append(int(model(torch.tensor([ids]))[0, -1].argmax()))
-    print(tok.decode(ids))
-
-
-def main(argv=None):
-    return run_main("model.py", run, argv)
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16, template=None):
+    """A model in Meta's layout, readable by Meta's own code and every converter of Meta's layout."""
+    return write_meta(model_state(model, dtype), model.args, out_dir, tokenizer_path, template)

@@ -1,5 +1,6 @@
 """NEFTune: noise added to the token embeddings during instruction finetuning, and nothing else.
 
+    torchrun --standalone --nproc_per_node=2 train.py --alpha 5     # every training step draws it
     noise = neftune_noise(mask, dim=4096, alpha=5.0)      # train.py: (B, T, dim), training steps only
     embeds = neftune(model.tok_embeddings(tokens), mask, alpha=5.0)   # the same, on embeddings in hand
 
@@ -49,7 +50,7 @@ def neftune_noise(mask, dim, alpha, kind="uniform", generator=None, segment_ids=
     vector has norm alpha / sqrt(3 L): it shrinks like 1/sqrt(L), so a long answer's tokens each
     get little. At the paper's alpha 5, d = 4096 and L = 100, every entry lies within
     +-5 / sqrt(409600) = +-0.0078 (standard deviation 0.0045), a quarter of the 0.02 standard
-    deviation of an embedding entry initialised as ours are (Transformer._init_weights).
+    deviation of an embedding entry initialised as ours are (Transformer.__init__).
     kind="gaussian" draws eps ~ N(0, 1) at the same scale (sequence norm about alpha): the paper's
     comparison of noise kinds does not state its Gaussian scale, and keeping the formula and
     swapping only the distribution is the smallest change. The noise is a constant to autograd."""

@@ -34,23 +34,19 @@ def curve_series(records):
     return {m: ([r["step"] for r in records if m in r], [r[m] for r in records if m in r]) for m, _ in METRICS}
 
 
-def plot_curves(runs, path, title=None):
-    """runs: [(alpha, noise kind, log records)]. Figure 4: one panel per clean loss, one colour per
-    alpha, one line style per noise kind. Returns {(alpha, kind): {metric: (steps, values), "color",
-    "linestyle"}} read back from the drawn lines: a test can check that what is drawn is what was logged."""
+def curves_figure(runs, title=None):
+    """runs: [(alpha, noise kind, log records)] -> Figure 4 as a matplotlib Figure: one panel per clean
+    loss, one colour per alpha, one line style per noise kind."""
     alphas = sorted({a for a, _, _ in runs})
     kinds = list(dict.fromkeys(k for _, k, _ in runs))
     fig, axes = plt.subplots(1, len(METRICS), figsize=FIGSIZE, dpi=DPI)
-    drawn = {}
     for alpha, kind, records in runs:
         series = curve_series(records)
         style = dict(color=f"C{alphas.index(alpha) % 10}", linestyle=LINESTYLES[kinds.index(kind) % len(LINESTYLES)],
                      label=f"alpha {alpha:g}" + (f", {kind}" if len(kinds) > 1 else ""))
         for ax, (metric, _) in zip(axes, METRICS):
             # a short run has few points (a single one draws no line at all): mark each
-            line, = ax.plot(*series[metric], **style, marker="o" if len(series[metric][0]) <= FEW else None)
-            drawn.setdefault((alpha, kind), {"color": line.get_color(), "linestyle": line.get_linestyle()})[metric] = \
-                tuple(list(v) for v in line.get_data())
+            ax.plot(*series[metric], **style, marker="o" if len(series[metric][0]) <= FEW else None)
     for ax, (_, label) in zip(axes, METRICS):
         ax.set(xlabel="optimizer step", ylabel="loss per response token", title=label)
         ax.ticklabel_format(useOffset=False)  # "1.562" on the axis, not "1e-5 + 1.562" over it
@@ -59,9 +55,13 @@ def plot_curves(runs, path, title=None):
     if title:
         fig.suptitle(title)
     fig.tight_layout()
+    return fig
+
+
+def plot_curves(runs, path, title=None):
+    fig = curves_figure(runs, title)
     fig.savefig(path)
     plt.close(fig)
-    return drawn
 
 
 def write_curves(out, runs):
@@ -70,32 +70,33 @@ def write_curves(out, runs):
     name = Path(out).resolve().name
     title = (f"{name}: clean losses of alpha {runs[0][0]:g} alone (Figure 4 compares a sweep: --alpha 0 5)"
              if len(runs) == 1 else f"{name}: clean losses (Figure 4)")
-    return plot_curves([(a, k, read_log(Path(d) / "log.jsonl")) for a, k, d in runs], Path(out) / "curves.png", title)
+    plot_curves([(a, k, read_log(Path(d) / "log.jsonl")) for a, k, d in runs], Path(out) / "curves.png", title)
 
 
-def plot_table4(results, path):
+def table4_figure(results):
     """results: {file: eval_len.length_stats(...)} -> one bar chart per Table 4 statistic, the files
-    side by side. Returns {statistic: [value per file]} read back from the bars (None: not measured),
-    and under "n/a" the (statistic, file index) pairs marked n/a on the figure."""
+    side by side; a statistic that is undefined for a file (no response reached the cutoff) is marked
+    n/a, not drawn as a zero bar."""
     names = list(results)
     fig, axes = plt.subplots(2, 3, figsize=FIGSIZE, dpi=DPI)
-    drawn = {}
     for ax, (key, label) in zip(axes.flat, TABLE4):
         values = [results[n][key] for n in names]
-        heights = [0.0 if v is None else v for v in values]
-        bars = ax.bar(range(len(names)), heights, color=[f"C{i % 10}" for i in range(len(names))])
-        for i, v in enumerate(values):  # undefined (no response reached the cutoff): marked, not a zero bar
+        ax.bar(range(len(names)), [0.0 if v is None else v for v in values],
+               color=[f"C{i % 10}" for i in range(len(names))])
+        for i, v in enumerate(values):
             if v is None:
                 ax.text(i, 0, "n/a", ha="center", va="bottom", fontsize=8)
-        drawn[key] = [None if v is None else b.get_height() for v, b in zip(values, bars)]
-        drawn.setdefault("n/a", []).extend((key, int(t.get_position()[0])) for t in ax.texts if t.get_text() == "n/a")
         ax.set_title(label, fontsize=9)
         ax.set_xticks(range(len(names)), [Path(n).stem for n in names], fontsize=7, rotation=20)
     fig.suptitle("Length, repetition and diversity of the responses (NEFTune Table 4)")
     fig.tight_layout()
+    return fig
+
+
+def plot_table4(results, path):
+    fig = table4_figure(results)
     fig.savefig(path)
     plt.close(fig)
-    return drawn
 
 
 def write_sweep(out, results):

@@ -14,7 +14,7 @@ import data
 import fast_decode
 import hf
 import model as llama
-from checks import ArgumentParser, DataError, UserError, atomic, number, run_main, writable_file
+from checks import ArgumentParser, DataError, UserError, atomic, number, read_json, run_main, writable_file
 
 # The paper's generation settings (the authors' eval_generate.py calls HF generate with do_sample=False,
 # repetition_penalty=1.2, max_length=1024): greedy, penalty 1.2, 1024 tokens counting the prompt.
@@ -199,7 +199,7 @@ class TextStream:
 
 def read_prompts(path):
     """A JSON list (or JSONL) of {"instruction", ["input"], ["dataset"], ...}: AlpacaEval's file, Alpaca data."""
-    records = data.read_json(path)  # DataError naming the file when missing or not JSON
+    records = read_json(path, DataError, expect=list, jsonl=True)  # one line naming the file if it is not
     if not isinstance(records, list) or not records:
         raise DataError(f"{path}: expected a non-empty JSON list of {{\"instruction\": ...}} records")
     for i, r in enumerate(records):

@@ -13,7 +13,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from checks import ArgumentParser, CheckpointError, run_main
+from checks import ArgumentParser, CheckpointError, read_json, run_main
 
 # LLaMA-3's pre-tokenizer (Meta's llama3 tokenizer.py; OpenAI's cl100k pattern): contractions, letters
 # with one leading non-letter, digits in groups of at most three, punctuation runs, newlines, spaces.
@@ -82,15 +82,7 @@ def read_tokenizer_json(path, blob):
 
 def read_config(path):
     """A JSON object from a config file beside a tokenizer.json; {} when there is none."""
-    if not path.is_file():
-        return {}
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: not a JSON file ({str(e).splitlines()[0]})") from None
-    if not isinstance(config, dict):
-        raise CheckpointError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    return config
+    return read_json(path, CheckpointError, expect=dict) if path.is_file() else {}
 
 
 def post_processor_bos(hf):
@@ -207,6 +199,13 @@ class Tokenizer:
         self.n_words = self.hf.get_vocab_size(with_added_tokens=True)
         self.special_ids = {t.content: i for i, t in sorted(self.hf.get_added_tokens_decoder().items()) if t.special}
         self.bos_id, self.eos_id, self.pad_id, self.stop_ids = hf_special_ids(self.path, self.hf, self.special_ids)
+
+    def check_vocab(self, vocab_size, source):
+        """The one check that these ids are a model's embedding rows: a larger vocabulary would index past
+        the table, a smaller one leave rows that no text reaches. source: whose embedding, for the message."""
+        if self.n_words != vocab_size:
+            raise CheckpointError(f"{self.path}: tokenizer has {self.n_words} pieces but {source}'s embedding "
+                                  f"has {vocab_size} rows")
 
     def encode(self, text, bos=True, eos=False):
         if self.kind == "hf":

@@ -29,14 +29,14 @@ from tqdm import tqdm
 import builtin_data
 import checkpoint as ckpt
 import data
+import plots
 import sample
-from checkpoint import build_model, mixed_precision  # noqa: F401 (train.mixed_precision)
 from checks import RunLock, UserError, run_main
 from data import IGNORE
 from model import Tokenizer, find_tokenizer
 from noise import neftune_noise
 from precision import choose_dtype
-from recipes import BUILTIN_ONLY, RECIPES, SCRATCH_ONLY, parse_args  # noqa: F401 (train.RECIPES)
+from recipes import BUILTIN_ONLY, SCRATCH_ONLY, parse_args
 
 # ----------------------------------------------------------------------------- distributed
 
@@ -110,6 +110,14 @@ def resolve_template(args):
         args.template = data.folder_template(args.init)
     if args.template is None:
         args.template = data.default_template(data.read_format(args.data, args.format)[1]) if args.data else "alpaca"
+
+
+def steps_per_epoch(args, train):
+    """Optimizer steps in one pass over the data: drop_last, so a run needs one whole global batch."""
+    if len(train) < args.batch_size:
+        raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, "
+                        f"fewer than one global batch of {args.batch_size}")
+    return len(train) // args.batch_size
 
 
 def row_generators(seed, epoch, indices, device):
@@ -212,11 +220,8 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         else nullcontext()
     tok, tok_path, train, clean_train, held_out = build_data(args, tok_dir, verbose=rank == 0)
     per_rank = args.batch_size // world
-    steps_per_epoch = len(train) // args.batch_size
-    if steps_per_epoch == 0:
-        raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, "
-                        f"fewer than one global batch of {args.batch_size}")
-    total_steps = args.max_steps or steps_per_epoch * args.epochs
+    epoch_steps = steps_per_epoch(args, train)
+    total_steps = args.max_steps or epoch_steps * args.epochs
     done = finished(out, total_steps) if args.resume else None
     if done:  # a finished run is left alone, not trained again from its last checkpoint
         for saved in ckpt.checkpoints(out)[-1:]:
@@ -226,7 +231,8 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         speeds = [r["tokens_per_s"] for r in done if "tokens_per_s" in r]  # the step-0 evaluation has none
         return dict(alpha=alpha, noise=kind, clean_train_loss=last["clean_train_loss"], eval_loss=last["eval_loss"],
                     tokens_per_s=sum(speeds) / max(len(speeds), 1))
-    model = build_model(args, ckpt.read_init(args.init, tok) if args.init else None, tok.n_words, device, mesh, dtype)
+    init = ckpt.read_init(args.init, tok) if args.init else None
+    model = ckpt.build_model(args, init, tok.n_words, device, mesh, dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
     lora_cfg = ckpt.lora_config(args)
     if lora_cfg:  # LoRA dropout draws from the global RNG: one stream per rank, saved in checkpoints
@@ -257,7 +263,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         old = log_path.read_text().splitlines() if log_path.exists() and step else []
         log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
     trained = sum(p.numel() for p in params)
-    log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {steps_per_epoch} "
+    log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {epoch_steps} "
         f"steps/epoch, {total_steps} steps | world {world}, {per_rank // args.micro_batch_size} micro-batches of "
         f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params ({trained / 1e6:.3f}M trained), "
         f"{str(dtype)[6:]} on {device.type}")
@@ -274,7 +280,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
     pbar = PROGRESS["bar"] = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     speeds, record, order_epoch = [], {}, None  # a run ends with its last step's clean losses
     while step < total_steps:
-        epoch, offset = divmod(step, steps_per_epoch)
+        epoch, offset = divmod(step, epoch_steps)
         if epoch != order_epoch:  # the data order is a function of (seed, epoch): resume is exact
             sampler.set_epoch(epoch)
             order, order_epoch = list(sampler), epoch
@@ -309,7 +315,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         dt = time.perf_counter() - t0
         tokens_seen += n_tok
         speeds.append(n_tok / dt)
-        record = dict(step=step, epoch=round(step / steps_per_epoch, 4), lr=lr, loss=train_loss, grad_norm=grad_norm,
+        record = dict(step=step, epoch=round(step / epoch_steps, 4), lr=lr, loss=train_loss, grad_norm=grad_norm,
                       tokens=int(tokens_seen), tokens_per_s=round(n_tok / dt, 1))
         if step % args.eval_every == 0 or step == total_steps:
             record |= clean_losses(step)
@@ -325,12 +331,11 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
     if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
         record |= clean_losses(step)
     export = torch.float32 if args.export_dtype == "fp32" else torch.bfloat16
-    ckpt.export_final(out, model, tok_path, rank, export, lora_cfg, hf=args.export_hf, template=args.template)
+    ckpt.export_final(out, model, tok_path, rank, export, lora_cfg, export_hf=args.export_hf, template=args.template)
     if not args.data and args.builtin == "tasks" and rank == 0:  # checkable answers: what does the model get right?
         score = sample.write_accuracy(out / "final", tok, held_out, out / "accuracy.json", device)
         log(f"exact match of greedy answers on {len(held_out)} held-out built-in tasks: {score:.1%}")
-    if rank == 0:  # imported here: matplotlib only when a run ends
-        import plots
+    if rank == 0:
         plots.write_curves(out, [(alpha, kind, out)])
         log(f"wrote {out / 'final'} (sample.py --ckpt {out / 'final'})"
             + (f", {out / 'final_hf'}" if args.export_hf else "") + f", {out / 'log.jsonl'}, {out / 'curves.png'}"
@@ -339,16 +344,33 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
                 eval_loss=record.get("eval_loss"), tokens_per_s=sum(speeds) / max(len(speeds), 1))
 
 
+def check_before_writing(args, world):
+    """The checks of a run's folder and world that come before its first write: run() makes them on
+    every rank, --check with the world that WORLD_SIZE (torchrun) gives, or 1."""
+    if args.batch_size % (world * args.micro_batch_size):
+        raise UserError(f"--batch-size {args.batch_size} is not a multiple of world size {world} "
+                        f"x --micro-batch-size {args.micro_batch_size}")
+    out = Path(args.out)
+    if not args.resume and out.exists() and any(p.name != RunLock.NAME for p in out.iterdir()):
+        raise UserError(f"{out}: --out is not empty; pass --resume to continue it or choose another folder")
+    for run_out in [out, *out.glob("alpha_*")] if args.resume else []:  # a sweep resumes each of its runs
+        saved = ckpt.checkpoints(run_out)
+        if saved:
+            ckpt.check_lora(saved[-1], ckpt.lora_config(args))
+    return out
+
+
 def check_only(args, tok_dir):
-    """--check: what a run reads, read and checked, without a process group or a write."""
+    """--check: every check a run makes before its first write, without a process group or a write."""
+    out = check_before_writing(args, int(os.environ.get("WORLD_SIZE", 1)))
+    if args.resume:  # a --dtype other than the checkpoint's
+        choose_dtype(args, torch.device(args.device or "cpu"), out)
     tok, _, train, _, held_out = build_data(args, tok_dir, verbose=True)
     what = f"the built-in {args.builtin} data"
     if args.init:
         margs = ckpt.read_init(args.init, tok)[0]
         what = f"{args.init} ({margs.n_layers} layers, dim {margs.dim})"
-    if len(train) < args.batch_size:
-        raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, "
-                        f"fewer than one global batch of {args.batch_size}")
+    steps_per_epoch(args, train)
     print(f"train.py: --check: fine: {what}, {len(train)} training rows, {len(held_out)} held out, "
           f"template {args.template}")
 
@@ -362,12 +384,7 @@ def run(argv):
         if args.check:
             return check_only(args, tok_dir)
         rank, world, device, mesh = setup_distributed(args.device)
-        if args.batch_size % (world * args.micro_batch_size):
-            raise UserError(f"--batch-size {args.batch_size} is not a multiple of world size {world} "
-                            f"x --micro-batch-size {args.micro_batch_size}")
-        out = Path(args.out)
-        if not args.resume and out.exists() and any(p.name != RunLock.NAME for p in out.iterdir()):
-            raise UserError(f"{out}: --out is not empty; pass --resume to continue it or choose another folder")
+        out = check_before_writing(args, world)
         lock_error = None
         if rank == 0:
             try:
@@ -393,7 +410,6 @@ def run(argv):
             results.append(train_one(args, run_out, tok_dir, alpha, kind, rank, world, device, mesh, log)
                            | {"dir": run_out})
         if len(runs) > 1 and rank == 0:
-            import plots
             plots.write_sweep(out, results)
             plots.write_curves(out, [(r["alpha"], r["noise"], r["dir"]) for r in results])
             log((out / "sweep.md").read_text() + f"wrote {out / 'sweep.md'} and {out / 'curves.png'}")

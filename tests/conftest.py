@@ -159,3 +159,11 @@ def tiny_model(seed=0, vocab_size=97):
             if p.dim() == 2:
                 p.normal_(0, 1.0 if name == "tok_embeddings.weight" else p.shape[1] ** -0.5)
     return model.eval()
+
+
+def train_run(args):
+    """train.py without TINY's --dtype and --device: the run chooses (test_cuda.py runs it on a GPU too)."""
+    return run_script("train.py", ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--max-len", "64",
+                                   "--eval-examples",
+                                   "8", "--eval-every", "100", "--batch-size", "8", "--micro-batch-size", "8", *args],
+                      check=False)

@@ -1,4 +1,4 @@
-"""bench.py on a tiny config, so it cannot rot: its JSON must hold sane, self-consistent figures."""
+"""python -m bench on a tiny config, so it cannot rot: its JSON must hold sane, self-consistent figures."""
 import json
 import math
 import subprocess
@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 def test_bench_tiny_config(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--only", "train", "noise", "decode", "--dim", "64", "--n-layers", "2",
+    cmd = [sys.executable, "-m", "bench", "--only", "train", "noise", "decode", "--dim", "64", "--n-layers", "2",
            "--n-heads", "4", "--vocab", "256", "--seq-len", "32", "--batch-size", "2", "--min-time", "0.1",
            "--noise-rounds", "2",
            "--dtypes", "fp32", "--peak-n", "512", "--copy-mb", "64", "--new-tokens", "8", "--nocache-tokens", "8",
@@ -49,7 +49,7 @@ def test_bench_tiny_config(tmp_path):
 @pytest.mark.slow
 def test_bench_load_tiny_config(tmp_path):
     out, ckpt = tmp_path / "bench.json", tmp_path / "ckpt"
-    cmd = [sys.executable, "bench.py", "--only", "load", "--dim", "128", "--n-layers", "2", "--n-heads", "4",
+    cmd = [sys.executable, "-m", "bench", "--only", "load", "--dim", "128", "--n-layers", "2", "--n-heads", "4",
            "--vocab", "4096",
            "--load-dir", str(ckpt), "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)

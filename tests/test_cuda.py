@@ -4,8 +4,7 @@ import json
 
 import pytest
 import torch
-from conftest import PROMPTS, tiny_model
-from test_precision import train_run
+from conftest import PROMPTS, tiny_model, train_run
 from torch._dynamo.utils import counters
 
 from sample import generate

@@ -92,7 +92,7 @@ def test_bad_input_under_torchrun_prints_once(tmp_path, args, msg):
 
 @pytest.mark.slow
 def test_data_error_writes_nothing_and_the_corrected_rerun_starts(tmp_path):
-    # the demo tokenizer used to be written into --out before the data was read: the rerun was refused
+    # nothing, not even the demo tokenizer, is written into --out before the data is read: the rerun starts
     bad = tmp_path / "bad.json"
     bad.write_text('[{"instruction": "a", "output": ')
     out = tmp_path / "o"
@@ -196,3 +196,34 @@ def test_non_finite_weights_are_never_saved_or_exported(tmp_path):
              check=False)  # no checkpoint on the way: the export refuses
     assert p.returncode == 2 and "non-finite weights at the end of training" in one_error_line(p.stderr)
     assert not (tmp_path / "o2" / "final").exists()
+
+
+# ---- train.py --check: every check the run makes before its first write, and no write ----
+
+def check_run(capsys, *args):
+    code = train.main([*TINY, "--builtin-size", "200", "--check", *args])
+    return code, capsys.readouterr()
+
+
+def test_check_refuses_what_the_run_refuses(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "o"
+    code, cap = check_run(capsys, "--out", str(out))  # the control: a new folder is fine
+    assert code == 0 and "--check: fine" in cap.out and not out.exists()
+    # 1. a folder that holds a run, without --resume
+    out.mkdir()
+    (out / "log.jsonl").write_text("")
+    code, cap = check_run(capsys, "--out", str(out))
+    assert code == 2 and "--out is not empty; pass --resume" in one_error_line(cap.err)
+    # 2. a global batch that torchrun's world size does not divide
+    monkeypatch.setenv("WORLD_SIZE", "3")
+    code, cap = check_run(capsys, "--out", str(tmp_path / "o2"), "--batch-size", "8", "--micro-batch-size", "2")
+    assert code == 2 and "is not a multiple of world size 3" in one_error_line(cap.err)
+    monkeypatch.delenv("WORLD_SIZE")
+    # 3. --resume of a run saved with other LoRA settings
+    saved = out / "ckpt" / "step_0000002"
+    saved.mkdir(parents=True)
+    lora_cfg = {"rank": 4, "alpha": 16.0, "dropout": 0.0, "targets": ["wq", "wv"]}
+    (saved / "train_state.json").write_text(json.dumps({"step": 2, "lora": lora_cfg, "dtype": "fp32"}))
+    code, cap = check_run(capsys, "--out", str(out), "--resume")
+    assert code == 2 and "saved with LoRA settings" in one_error_line(cap.err)
+    assert sorted(p.name for p in out.rglob("*")) == ["ckpt", "log.jsonl", "step_0000002", "train_state.json"]

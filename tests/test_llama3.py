@@ -440,9 +440,8 @@ def test_train_tied_checkpoint_stays_tied(llama3, tmp_path):
 @pytest.mark.slow
 def test_bench_loss_memory_part(tmp_path):
     out = tmp_path / "bench.json"
-    cmd = [sys.executable, "bench.py", "--only", "loss", "--dim", "32", "--n-layers", "1", "--n-heads", "2", "--vocab",
-           "32000",
-           "--seq-len", "512", "--loss-batch-size", "2", "--out", str(out)]
+    cmd = [sys.executable, "-m", "bench", "--only", "loss", "--dim", "32", "--n-layers", "1", "--n-heads", "2",
+           "--vocab", "32000", "--seq-len", "512", "--loss-batch-size", "2", "--out", str(out)]
     subprocess.run(cmd, cwd=ROOT, check=True, capture_output=True, timeout=300)
     r = json.loads(out.read_text())["loss"]
     assert r["fp32_logits_gb"] == round(2 * 512 * 32000 * 4 / 1e9, 3)

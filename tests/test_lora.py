@@ -14,6 +14,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 import checkpoint
 import lora
+import recipes
 import train
 from model import ModelArgs, Transformer, load_meta
 
@@ -93,10 +94,10 @@ def test_build_model_freezes_the_base_in_the_compute_dtype(tmp_path, dtype):
     # bf16 compute: the frozen base is held in bf16 (no fp32 copy), the adapters in fp32
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
     try:
-        args = train.parse_args(["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--lora-rank", "2",
+        args = recipes.parse_args(["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--lora-rank", "2",
                                  "--lora-targets", "wo", "w1"])
         mesh = init_device_mesh("cpu", (1,))
-        model = train.build_model(args, None, 50, torch.device("cpu"), mesh, dtype)
+        model = checkpoint.build_model(args, None, 50, torch.device("cpu"), mesh, dtype)
         for name, p in model.named_parameters():
             adapter = lora.is_adapter(name)
             assert p.requires_grad == adapter and p.dtype == (torch.float32 if adapter else dtype), name
@@ -217,7 +218,7 @@ def test_alpha_sweep_with_lora_and_a_bf16_base(setup):
 @pytest.mark.slow
 def test_bench_lora_counts_trainable_parameters(tmp_path):
     out = tmp_path / "bench.json"
-    subprocess.run([sys.executable, "bench.py", "--only", "lora", "lora_memory", "--dim", "64", "--n-layers", "2",
+    subprocess.run([sys.executable, "-m", "bench", "--only", "lora", "lora_memory", "--dim", "64", "--n-layers", "2",
                     "--n-heads", "4",
                     "--vocab", "256", "--seq-len", "32", "--batch-size", "2", "--min-time", "0.1", "--lora-rank", "4",
                     "--lora-micro-batch", "2", "--lora-seq-len", "32", "--out", str(out)], cwd=ROOT, env=ENV,

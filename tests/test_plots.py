@@ -1,4 +1,4 @@
-"""The fig4 recipe and its built-in facts data, OUT/curves.png, plots.py's gaps, eval_len.py --plot."""
+"""The built-in facts data, OUT/curves.png, plots.py's gaps, eval_len.py --plot."""
 import json
 import os
 import re
@@ -14,7 +14,6 @@ from conftest import call
 import builtin_data
 import eval_len
 import plots
-import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -29,24 +28,6 @@ def png_size(path):
 
 
 FIG_PIXELS = (plots.FIGSIZE[0] * plots.DPI, plots.FIGSIZE[1] * plots.DPI)
-
-
-# ---------------------------------------------------------------- recipes
-
-def test_recipes_by_name_and_implicit_defaults(tmp_path):
-    assert (train.parse_args([]).lr, train.parse_args([]).dim, train.parse_args([]).builtin) == (2e-3, 256, "tasks")
-    paper = train.parse_args(["--init", str(tmp_path)])
-    assert (paper.lr, paper.batch_size, paper.epochs) == (5e-5, 128, 3)
-    assert vars(train.parse_args(["--recipe", "demo"])) == vars(train.parse_args([]))
-    fig4 = train.parse_args(["--recipe", "fig4"])
-    for k, v in train.RECIPES["fig4"].items():
-        assert getattr(fig4, k) == v, k
-    # an explicit flag beats the recipe, and the recipe beats the implicit one
-    mine = train.parse_args(["--recipe", "fig4", "--dim", "64", "--epochs", "2", "--builtin", "tasks", "--init",
-                             str(tmp_path)])
-    assert (mine.dim, mine.epochs, mine.builtin, mine.n_layers) == (64, 2, "tasks", train.RECIPES["fig4"]["n_layers"])
-    with pytest.raises(train.UserError, match="--builtin-size"):
-        train.parse_args(["--builtin-size", "1"])
 
 
 # ---------------------------------------------------------------- the facts data
@@ -82,11 +63,24 @@ def fake_log(seed, steps=12, eval_every=4):
     return out
 
 
+def drawn_curves(runs, fig):
+    """{(alpha, kind): {metric: (steps, values), "color", "linestyle"}} read back from the figure's lines,
+    which curves_figure draws in the order of `runs`, one per panel."""
+    drawn = {}
+    for ax, (metric, _) in zip(fig.axes, plots.METRICS):
+        for (alpha, kind, _), line in zip(runs, ax.get_lines()):
+            d = drawn.setdefault((alpha, kind), {"color": line.get_color(), "linestyle": line.get_linestyle()})
+            d[metric] = tuple(list(v) for v in line.get_data())
+    plots.plt.close(fig)
+    return drawn
+
+
 def test_plot_curves_draws_the_logged_numbers(tmp_path):
     runs = [(a, k, fake_log(i)) for i, (a, k) in enumerate([(0.0, "uniform"), (5.0, "uniform"), (5.0, "gaussian"),
                                                             (15.0, "gaussian")])]
-    drawn = plots.plot_curves(runs, tmp_path / "curves.png")
+    plots.plot_curves(runs, tmp_path / "curves.png")
     assert png_size(tmp_path / "curves.png") == FIG_PIXELS
+    drawn = drawn_curves(runs, plots.curves_figure(runs))
     for i, (alpha, kind, _) in enumerate(runs):
         got = drawn[(alpha, kind)]
         assert got["clean_train_loss"] == ([4, 8, 12], [2.5 - 0.1 * s - 0.001 * i for s in (4, 8, 12)])
@@ -106,17 +100,16 @@ def test_few_evaluation_points_are_drawn_and_readable(tmp_path, monkeypatch):
     two = [{"step": 0, "clean_train_loss": 1.5620001, "eval_loss": 1.5620003}] + lone[:-1] + [
         {"step": 18, "loss": 2.0, "clean_train_loss": 1.5620002, "eval_loss": 1.5620005}]
     figures = []
-    monkeypatch.setattr(plots.plt, "close", figures.append)
-    assert plots.plot_curves([(5.0, "uniform", lone)], tmp_path / "a.png")[(5.0, "uniform")]["eval_loss"] == \
-        ([18], [1.5620003])
-    assert plots.plot_curves([(5.0, "uniform", two)], tmp_path / "b.png")[(5.0, "uniform")]["eval_loss"] == \
-        ([0, 18], [1.5620003, 1.5620005])
-    for ax in figures[0].axes + figures[1].axes:
-        assert [line.get_marker() for line in ax.lines] == ["o"]  # a lone point is visible
-        assert ax.yaxis.get_major_formatter().get_offset() == ""
+    monkeypatch.setattr(plots.plt, "close", figures.append)  # plot_curves draws, saves, then hands the figure here
+    for records, steps, values in ((lone, [18], [1.5620003]), (two, [0, 18], [1.5620003, 1.5620005])):
+        plots.plot_curves([(5.0, "uniform", records)], tmp_path / "curves.png")
+        for ax in figures[-1].axes:
+            assert [line.get_marker() for line in ax.lines] == ["o"]  # a lone point is visible
+            assert ax.yaxis.get_major_formatter().get_offset() == ""  # set when drawn: savefig drew it
+        assert list(map(list, figures[-1].axes[1].lines[0].get_data())) == [steps, values]
     many = [{"step": s, "eval_loss": 1.0, "clean_train_loss": 1.0} for s in range(30)]
     plots.plot_curves([(5.0, "uniform", many)], tmp_path / "many.png")
-    assert figures[2].axes[0].lines[0].get_marker() == "None"  # a long curve is a plain line
+    assert figures[-1].axes[0].lines[0].get_marker() == "None"  # a long curve is a plain line
 
 
 def test_final_gaps(tmp_path):
@@ -142,7 +135,8 @@ def test_train_sweep_writes_curves(tmp_path):
     for _, _, d in runs:  # every run has its own figure ...
         assert png_size(d / "curves.png") == FIG_PIXELS
     assert png_size(out / "curves.png") == FIG_PIXELS  # ... and the sweep one with all four
-    drawn = plots.write_curves(tmp_path, runs)
+    logs = [(a, k, plots.read_log(d / "log.jsonl")) for a, k, d in runs]
+    drawn = drawn_curves(logs, plots.curves_figure(logs))
     for a, k, d in runs:
         logged = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
         for metric in ("eval_loss", "clean_train_loss"):
@@ -162,13 +156,18 @@ def test_plot_table4_draws_the_statistics(tmp_path):
     long = " ".join(f"w{i % 7}" for i in range(60))
     results = {"a.json": eval_len.length_stats(["one two three", long], cutoff=50),
                "b.json": eval_len.length_stats(["short"], cutoff=50)}
-    drawn = plots.plot_table4(results, tmp_path / "t4.png")
+    plots.plot_table4(results, tmp_path / "t4.png")
     assert png_size(tmp_path / "t4.png") == FIG_PIXELS
+    fig = plots.table4_figure(results)
+    drawn = {key: [b.get_height() for b in ax.patches] for ax, (key, _) in zip(fig.axes, plots.TABLE4)}
+    marked = sorted((key, int(t.get_position()[0])) for ax, (key, _) in zip(fig.axes, plots.TABLE4)
+                    for t in ax.texts if t.get_text() == "n/a")
+    plots.plt.close(fig)
     assert drawn["chars"] == [pytest.approx((13 + len(long)) / 2), pytest.approx(5.0)]
     assert drawn["words"] == [pytest.approx(31.5), pytest.approx(1.0)]
     # 50 tokens cycling through 7 words: 7 distinct 2-grams of 49
-    assert drawn["rep_2"] == [pytest.approx(100 * (1 - 7 / 49)), None]  # b has no response of >= 50 words
-    assert sorted(drawn["n/a"]) == [("log_diversity", 1), ("rep_2", 1), ("rep_3", 1), ("rep_4", 1)]  # not zero bars
+    assert drawn["rep_2"] == [pytest.approx(100 * (1 - 7 / 49)), 0.0]  # b has no response of >= 50 words: ...
+    assert marked == [("log_diversity", 1), ("rep_2", 1), ("rep_3", 1), ("rep_4", 1)]  # ... marked n/a on the figure
 
 
 def test_eval_len_plot_cli(tmp_path):

@@ -4,16 +4,15 @@ import json
 
 import pytest
 import torch
-from conftest import run_script
+from conftest import train_run
 
 import precision
-import train
+from checks import UserError
 
 
 def test_pick_cpu_dtype_needs_a_clear_win():
     f32 = 2e11
-    assert precision.pick_cpu_dtype(f32,
-                                    4.4e11) == "bf16"  # CPU with bf16 units (the issue's EPYC: 0.44 vs 0.20 TFLOP/s)
+    assert precision.pick_cpu_dtype(f32, 4.4e11) == "bf16"  # bf16 units (an AVX-512-BF16 EPYC: 0.44 vs 0.20 TFLOP/s)
     assert precision.pick_cpu_dtype(f32, 1.2e9) == "fp32"  # AVX2 only: bf16 ~100x slower
     assert precision.pick_cpu_dtype(f32, f32 * precision.BF16_MARGIN) == "fp32"  # faster, but not clearly
     assert precision.pick_cpu_dtype(f32, f32 * precision.BF16_MARGIN * 1.01) == "bf16"
@@ -44,24 +43,17 @@ def test_resume_keeps_the_checkpoints_dtype(monkeypatch, tmp_path):
     fake_checkpoint(tmp_path / "run", 2, "fp32")
     assert precision.choose_dtype(ns(resume=True), cpu, tmp_path / "run")[0] == "fp32"
     assert precision.choose_dtype(ns(resume=True, dtype="fp32"), cpu, tmp_path / "run")[0] == "fp32"
-    with pytest.raises(train.UserError, match=r"--dtype bf16: .*run was trained in fp32"):
+    with pytest.raises(UserError, match=r"--dtype bf16: .*run was trained in fp32"):
         precision.choose_dtype(ns(resume=True, dtype="bf16"), cpu, tmp_path / "run")
     assert precision.choose_dtype(ns(), cpu, tmp_path / "run")[0] == "bf16"  # not resuming: measured
     fake_checkpoint(tmp_path / "sweep" / "alpha_5", 4, "fp32")  # a sweep: one run per subfolder
     assert precision.choose_dtype(ns(resume=True), cpu, tmp_path / "sweep")[0] == "fp32"
-    fake_checkpoint(tmp_path / "old", 3, None)  # written before the dtype was recorded: the old CPU default
-    assert precision.choose_dtype(ns(resume=True), cpu, tmp_path / "old")[0] == "fp32"
+    fake_checkpoint(tmp_path / "other", 3, None)  # a train_state.json without a dtype: not this code's
+    with pytest.raises(UserError, match="records no dtype"):
+        precision.choose_dtype(ns(resume=True), cpu, tmp_path / "other")
     fake_checkpoint(tmp_path / "sweep" / "alpha_0", 4, "bf16")
-    with pytest.raises(train.UserError, match="different dtypes"):
+    with pytest.raises(UserError, match="different dtypes"):
         precision.choose_dtype(ns(resume=True), cpu, tmp_path / "sweep")
-
-
-def train_run(args):
-    """train.py without TINY's --dtype and --device: the run chooses (test_cuda.py runs it on a GPU too)."""
-    return run_script("train.py", ["--dim", "32", "--n-layers", "1", "--n-heads", "2", "--max-len", "64",
-                                   "--eval-examples",
-                                   "8", "--eval-every", "100", "--batch-size", "8", "--micro-batch-size", "8", *args],
-                      check=False)
 
 
 @pytest.mark.slow

@@ -10,7 +10,7 @@ from model import load_meta
 
 PROBE = '''
 import sys, torch
-import checkpoint, train
+import checkpoint, recipes, train
 from model import find_tokenizer
 from tokenizer import Tokenizer
 folder, out = sys.argv[1], sys.argv[2]
@@ -19,8 +19,8 @@ init = checkpoint.read_init(folder, Tokenizer(find_tokenizer(folder)))
 reads = []
 for key, w in init[1].items():  # every read is logged: which weight, which rows
     w.read = (lambda key, read: lambda s, e: reads.append((key, s, e)) or read(s, e))(key, w.read)
-args = train.parse_args(["--init", folder, "--device", "cpu", "--lora-rank", "2", "--seed", "5"])
-model = train.build_model(args, init, init[0].vocab_size, device, mesh, torch.float32)
+args = recipes.parse_args(["--init", folder, "--device", "cpu", "--lora-rank", "2", "--seed", "5"])
+model = checkpoint.build_model(args, init, init[0].vocab_size, device, mesh, torch.float32)
 local = {k: checkpoint.local(p).detach().clone() for k, p in model.state_dict(keep_vars=True).items()}
 torch.save({"reads": reads, "local": local, "world": world}, f"{out}/rank{rank}.pt")
 '''

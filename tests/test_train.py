@@ -103,7 +103,7 @@ def world_of_one(tmp_path):
 def test_fsdp_bf16_blocks_see_fp32_rope_tables(world_of_one):
     # the CUDA bf16 policy, applied here on the CPU: weights are gathered in bf16, but the cos/sin tables
     # every block receives stay fp32 (FSDP's default cast_forward_inputs would make them bf16)
-    mp = train.mixed_precision(torch.device("cuda"), torch.bfloat16)
+    mp = checkpoint.mixed_precision(torch.device("cuda"), torch.bfloat16)
     assert mp.param_dtype == torch.bfloat16 and mp.reduce_dtype == torch.float32
     torch.manual_seed(0)
     model = Transformer(ModelArgs(dim=32, n_layers=2, n_heads=4, vocab_size=50, multiple_of=16))

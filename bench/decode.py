@@ -1,8 +1,8 @@
-"""bench.py's decoding parts: decode tokens/s through sample.generate against the memory-bandwidth limit
+"""The decoding parts of `python -m bench`: decode tokens/s through sample.generate against the memory-bandwidth limit
 and against recomputing without the KV cache (decode), and batch-1 decoding eager, compiled and as
 generate(compile=True) picks, against the copy bandwidth and the model's own mat-vecs (decode1).
 
-    python bench.py --only decode decode1
+    python -m bench --only decode decode1
 """
 import time
 

@@ -1,10 +1,10 @@
-"""bench.py's memory parts: load_meta's peak resident memory (load), the loss's peak memory at LLaMA-3's
+"""The memory parts of `python -m bench`: load_meta's peak resident memory (load), the loss's peak memory at LLaMA-3's
 vocabulary, whole logits vs chunked (loss), LoRA's GPU memory for LLaMA-2-7B (lora_memory), and two
 torchrun runs of train.py whose workers' private memory is sampled from start to exit: --init loading
 each rank's shard (init_memory) and the gradient-sync choice (grad_sync). Each measurement runs in a
 fresh process (a spawned child, or torchrun's workers), so its peak is its own:
 
-    python bench.py --only load loss lora_memory init_memory grad_sync
+    python -m bench --only load loss lora_memory init_memory grad_sync
 """
 import json
 import multiprocessing
@@ -21,7 +21,9 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import builtin_data
 import lora
+import train
 from model import SPLIT_DIM, ModelArgs, Transformer, load_meta, save_meta
 
 # A LLaMA-shaped model of 1.11B parameters: 2.2 GB in bf16, the size class of TinyLlama-1.1B.
@@ -141,8 +143,6 @@ LOSS_CFG = dict(dim=256, n_layers=2, n_heads=4, vocab_size=128256,
 def loss_child(mode, cfg, batch_size, seq_len):
     """In a fresh process: peak RSS of one forward + backward of the loss on a random micro-batch,
     either from whole (B, T, vocab) logits or as train.forward_loss computes it, chunk by chunk."""
-    import train
-
     torch.manual_seed(0)
     model = Transformer(ModelArgs(**cfg)).train()
     x = torch.randint(0, cfg["vocab_size"], (batch_size, seq_len))
@@ -281,7 +281,6 @@ def sampled_run(cmd, every=0.02, env=None):
 
 def alpaca_records(path, n):
     """n built-in tasks as an Alpaca file: data that needs no download (and no accuracy check at the end)."""
-    import builtin_data
     recs = [{"instruction": m[0]["content"], "input": m[0]["input"], "output": m[1]["content"]}
             for m in builtin_data.builtin_records(seed=0, n=n)]
     Path(path).write_text(json.dumps(recs))
@@ -301,7 +300,6 @@ def init_memory(cfg=INIT_CFG, work="/tmp/neftune_bench_init", nproc=2, steps=2, 
     --act-ckpt in fp32: each worker's peak RssAnon from start to exit, against its fp32 shard (the
     goal: at most 1.3x that + 0.4 GB; rank 0 may add the bf16 export it gathers). Then --resume of the
     same run for 2 more steps, which re-reads the frozen base."""
-    import builtin_data
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
     args = ModelArgs(**cfg)

@@ -1,0 +1,1 @@
+"""Benchmarks of the NEFTune reference implementation: `python -m bench --help` (from the repo root)."""
