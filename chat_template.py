@@ -10,6 +10,7 @@ from datetime import datetime
 from pathlib import Path
 
 from checks import ArgumentParser, CheckpointError, run_main
+from tokenizer import read_config  # {} when absent, one line when not a JSON object
 
 TEMPLATE_FILE = "chat_template.jinja"  # transformers 5 writes a folder's template here
 NAME_FILE = "template.json"  # {"template": "alpaca"}: a run trained with one of data.py's own templates
@@ -50,18 +51,12 @@ def environment():
     return env
 
 
-def read_json(path):
-    from tokenizer import read_config  # {} when absent, one line when not a JSON object
-
-    return read_config(path)
-
-
 def token_strings(folder):
     """{bos_token: "<s>", ...}: the named special tokens of tokenizer_config.json (special_tokens_map.json
     fills the gaps), as strings, as transformers hands them to the template."""
     tokens = {}
     for name in ("special_tokens_map.json", "tokenizer_config.json"):  # the config wins
-        config = read_json(Path(folder) / name)
+        config = read_config(Path(folder) / name)
         for key in TOKEN_NAMES:
             value = config.get(key)
             value = value.get("content") if isinstance(value, dict) else value
@@ -139,13 +134,13 @@ def folder_template(folder):
     template (chat_template.jinja first, as transformers reads it, then tokenizer_config.json's key),
     else None."""
     folder = Path(folder)
-    named = read_json(folder / NAME_FILE).get("template")
+    named = read_config(folder / NAME_FILE).get("template")
     if named is not None:
         return named
     if (folder / TEMPLATE_FILE).is_file():
         return ChatTemplate((folder / TEMPLATE_FILE).read_text(encoding="utf-8"), folder / TEMPLATE_FILE,
                             token_strings(folder))
-    text = read_json(folder / "tokenizer_config.json").get("chat_template")
+    text = read_config(folder / "tokenizer_config.json").get("chat_template")
     if isinstance(text, list):  # several named templates: transformers uses "default"
         text = next((t.get("template") for t in text if isinstance(t, dict) and t.get("name") == "default"), None)
     if isinstance(text, str):
@@ -164,7 +159,7 @@ def record(folder, template):
     if isinstance(template, str):
         (folder / NAME_FILE).write_text(json.dumps({"template": template}) + "\n")
         (folder / TEMPLATE_FILE).unlink(missing_ok=True)
-        config = read_json(config_path)
+        config = read_config(config_path)
         if "chat_template" in config:  # a template the weights were not trained with
             del config["chat_template"]
             config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

@@ -125,11 +125,19 @@ def default_template(fmt):
     return "alpaca" if fmt == "alpaca" else "vicuna"
 
 
+def recorded_template(folder):
+    """chat_template.folder_template(folder), a name that template.json records checked against TEMPLATES."""
+    template = folder_template(folder)
+    if template is None or isinstance(template, ChatTemplate) or template in TEMPLATES:
+        return template
+    raise UserError(f"{Path(folder) / 'template.json'}: unknown template {template!r} (one of {', '.join(TEMPLATES)})")
+
+
 def pick_template(folder, flag):
     """The template to prompt the model in `folder` with: --template's name when given (one warning line
     when the folder records another), else the one the folder records (chat_template.py: a name of
     TEMPLATES, or a ChatTemplate for its own Jinja template). Neither: a UserError naming --template."""
-    recorded = folder_template(folder) if folder is not None else None
+    recorded = recorded_template(folder) if folder is not None else None
     if flag is not None:
         if flag not in TEMPLATES:
             raise UserError(f"--template: unknown {flag!r} (choose from {', '.join(TEMPLATES)})")

@@ -107,7 +107,7 @@ def resolve_template(args):
     """--template, else the --init folder's own chat template, else the data's default (alpaca for Alpaca
     records and the built-in data, vicuna for chats): set once, so the settings line says which."""
     if args.template is None and args.init:
-        args.template = data.folder_template(args.init)
+        args.template = data.recorded_template(args.init)
     if args.template is None:
         args.template = data.default_template(data.read_format(args.data, args.format)[1]) if args.data else "alpaca"
 

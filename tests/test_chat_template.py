@@ -156,6 +156,9 @@ def test_pick_template(chatml, tmp_path, capsys):
     for key in (SMOLLM2, [{"name": "tool_use", "template": "x"}, {"name": "default", "template": SMOLLM2}]):
         (bare / "tokenizer_config.json").write_text(json.dumps({"chat_template": key, "eos_token": "<|im_end|>"}))
         assert folder_template(bare).text == SMOLLM2
+    (bare / "template.json").write_text('{"template": "alpaca-v2"}')
+    with pytest.raises(UserError, match=r"template.json: unknown template 'alpaca-v2'"):
+        data.pick_template(bare, None)
     record(bare, "alpaca")  # a run with one of ours: template.json, and no Jinja template left beside it
     assert data.pick_template(bare, None) == "alpaca"
     assert "chat_template" not in json.loads((bare / "tokenizer_config.json").read_text())
