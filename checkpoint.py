@@ -310,16 +310,17 @@ def gathered_state(model, rank, dtype, lora_cfg=None):
     return state if rank == 0 else None
 
 
-def export_final(out, model, tok_path, rank, dtype, lora_cfg=None, export_hf=False):
+def export_final(out, model, tok_path, rank, dtype, lora_cfg=None, export_hf=False, template=None):
     """OUT/final in Meta's layout (and OUT/final_hf, HF's, with export_hf=True), written by rank 0 from
-    the gathered weights. With LoRA: the merged model, and the adapters alone in OUT/adapters.pth."""
+    the gathered weights, each recording the chat template trained with (chat_template.record).
+    With LoRA: the merged model, and the adapters alone in OUT/adapters.pth."""
     check_finite(model, out, "at the end of training")
     state = gathered_state(model, rank, dtype, lora_cfg)
     if rank == 0:
         if lora_cfg:
             lora.save_adapters(out / "adapters.pth", state, **lora_cfg)
             state = {k: v for k, v in state.items() if not lora.is_adapter(k)}
-        write_meta(state, model.args, out / "final", tokenizer_path=tok_path)
+        write_meta(state, model.args, out / "final", tokenizer_path=tok_path, template=template)
         if export_hf:
-            hf.write_hf(state, model.args, out / "final_hf", tokenizer_path=tok_path)
+            hf.write_hf(state, model.args, out / "final_hf", tokenizer_path=tok_path, template=template)
     dist.barrier()

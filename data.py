@@ -4,10 +4,12 @@
 """
 import random
 import sys
+from pathlib import Path
 
 import torch
 
-from checks import ArgumentParser, DataError, number, read_json, run_main
+from chat_template import ChatTemplate, folder_template
+from checks import ArgumentParser, DataError, UserError, number, read_json, run_main
 from model import Tokenizer
 
 IGNORE = -100  # the label F.cross_entropy skips (its default ignore_index)
@@ -123,6 +125,32 @@ def default_template(fmt):
     return "alpaca" if fmt == "alpaca" else "vicuna"
 
 
+def recorded_template(folder):
+    """chat_template.folder_template(folder), a name that template.json records checked against TEMPLATES."""
+    template = folder_template(folder)
+    if template is None or isinstance(template, ChatTemplate) or template in TEMPLATES:
+        return template
+    raise UserError(f"{Path(folder) / 'template.json'}: unknown template {template!r} (one of {', '.join(TEMPLATES)})")
+
+
+def pick_template(folder, flag):
+    """The template to prompt the model in `folder` with: --template's name when given (one warning line
+    when the folder records another), else the one the folder records (chat_template.py: a name of
+    TEMPLATES, or a ChatTemplate for its own Jinja template). Neither: a UserError naming --template."""
+    recorded = recorded_template(folder) if folder is not None else None
+    if flag is not None:
+        if flag not in TEMPLATES:
+            raise UserError(f"--template: unknown {flag!r} (choose from {', '.join(TEMPLATES)})")
+        if recorded is not None and recorded != flag:
+            print(f"warning: --template {flag} differs from the template {folder} was trained with ({recorded})",
+                  file=sys.stderr)
+        return flag
+    if recorded is None:
+        raise UserError(f"{folder}: records no chat template (no template.json, chat_template.jinja or "
+                        f"tokenizer_config.json chat_template); pass --template ({', '.join(TEMPLATES)})")
+    return recorded
+
+
 def user_text(m):  # an alpaca record's input joins its instruction in the chat templates
     return m["content"] + "\n\n" + m["input"] if m.get("input") else m["content"]
 
@@ -211,6 +239,10 @@ def tokenize(messages, tok, template, max_len=512):
     """-> (input_ids, labels, truncated). labels[t] = input_ids[t] on answer tokens (and each answer's
     </s>), IGNORE elsewhere; train.py shifts them. Prompt and answer are separate sentencepiece calls
     so that the prompt's ids at generation time (prompt_ids) are exactly the ones trained on."""
+    if isinstance(template, ChatTemplate):  # the folder's own: rendered as transformers renders it
+        ids, trained = template.encode([{"role": m["role"], "content": user_text(m)} for m in messages], tok)
+        labels = [i if t else IGNORE for i, t in zip(ids, trained)]
+        return ids[:max_len], labels[:max_len], len(ids) > max_len
     ids, labels = [], []
     for text, trained in pieces(messages, template):
         if isinstance(text, Special) and text not in (BOS, EOS):
@@ -230,7 +262,9 @@ def tokenize(messages, tok, template, max_len=512):
 
 
 def prompt_ids(messages, tok, template):
-    """The ids the model reads before answering a conversation that ends with a user message."""
+    """The ids the model reads before answering a conversation that ends with a user message (a system
+    message may open it): the prompt with the template's generation prompt. template: a name of
+    TEMPLATES or pick_template's ChatTemplate."""
     if not messages or messages[-1]["role"] != "user":
         raise ValueError("prompt_ids needs a conversation whose last message is from the user")
     return tokenize(messages, tok, template, max_len=sys.maxsize)[0]
@@ -335,7 +369,8 @@ def run(argv):  # the command line: the statistics of a dataset
     p = ArgumentParser(prog="data.py", description="Statistics of an instruction dataset as train.py would see it.")
     p.add_argument("file", help="Alpaca, ShareGPT or messages records, JSON or JSONL")
     p.add_argument("--tokenizer", required=True, help="tokenizer.model (SentencePiece or LLaMA-3's) or tokenizer.json")
-    p.add_argument("--template", choices=TEMPLATES, help="default: alpaca for alpaca data, else vicuna")
+    p.add_argument("--template", choices=TEMPLATES, help="default: the chat template of the tokenizer's folder, "
+                   "else alpaca for alpaca data, else vicuna")
     p.add_argument("--format", choices=FORMATS, help="default: detected from the records' keys")
     p.add_argument("--max-len", type=int, default=512, help="tokens per example; longer ones are truncated")
     p.add_argument("--batch-size", type=int, default=8, help="micro-batch size for the padding fraction")
@@ -345,7 +380,7 @@ def run(argv):  # the command line: the statistics of a dataset
         number(flag, x, lo=1)
     tok = Tokenizer(a.tokenizer)
     records, fmt = read_format(a.file, a.format)
-    template = a.template or default_template(fmt)
+    template = a.template or folder_template(Path(a.tokenizer).parent) or default_template(fmt)
     examples, counts = tokenize_all(records, tok, template, a.max_len, a.file)
     n_tokens = sum(len(x["input_ids"]) for x in examples)
     n_response = sum(label != IGNORE for x in examples for label in x["labels"])

@@ -135,19 +135,27 @@ def load_records(path, keys):
     return data
 
 
+def row_labels(paths):
+    """{path: its file name without the folder and .json}, or the paths themselves where two names clash."""
+    stems = {p: os.path.splitext(os.path.basename(p))[0] for p in paths}
+    clash = len(set(stems.values())) < len(stems)
+    return {p: p if clash else stem for p, stem in stems.items()}
+
+
 def print_table(results, cutoff):
     def fmt(x, spec):
         return "-" if x is None else format(x, spec)
 
     has_refs = any("rouge_l" in s for s in results.values())
-    width = max(len("file"), *(len(p) for p in results))
+    labels = row_labels(results)
+    width = max(len("file"), *map(len, labels.values()))
     head = f"{'file':<{width}}  {'n':>5}  {'chars':>7}  {'words':>6}  {'rep-2':>6}  {'rep-3':>6}  " \
            f"{'rep-4':>6}  {'log-div':>7}  {f'n>={cutoff}':>6}"
     if has_refs:
         head += f"  {'rouge-L':>7}  {'bleu-4':>6}  {'n_refs':>6}"
     print(head)
     for path, s in results.items():
-        row = f"{path:<{width}}  {s['n']:>5}  {fmt(s['chars'], '7.1f')}  {fmt(s['words'], '6.1f')}"
+        row = f"{labels[path]:<{width}}  {s['n']:>5}  {fmt(s['chars'], '7.1f')}  {fmt(s['words'], '6.1f')}"
         row += "".join(f"  {fmt(s[f'rep_{n}'], '6.2f'):>6}" for n in NGRAM_ORDERS)
         row += f"  {fmt(s['log_diversity'], '7.2f'):>7}  {s['n_cut']:>6}"
         if has_refs:
@@ -193,6 +201,11 @@ def run(argv):
         results[path] = length_stats([o["output"] for o in outputs], args.cutoff)
         if train:
             results[path].update(train_overlap(outputs, train))
+            if not results[path]["n_refs"]:  # else a row of "-" with no reason
+                print(f"eval_len.py: {path}: none of its {len(outputs)} instructions is in {args.refs}, so there is "
+                      "no overlap to measure (n_refs 0): --refs must be the training file these outputs' model was "
+                      "finetuned on, answering that file's own instructions (e.g. sample.py --prompts TRAIN.json)",
+                      file=sys.stderr)
     if args.json:
         print(json.dumps(results, indent=2))
     else:

@@ -21,6 +21,7 @@ import torch
 from safetensors import safe_open
 
 import model as llama
+from chat_template import folder_template, record, token_strings
 from checks import (
     ArgumentParser,
     CheckpointError,
@@ -33,7 +34,7 @@ from checks import (
     writable_folder,
 )
 from hf_tokenizer import write_hf_tokenizer
-from tokenizer import Tokenizer
+from tokenizer import Tokenizer, read_config
 
 LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
                "attention.wv": "self_attn.v_proj", "attention.wo": "self_attn.o_proj",
@@ -239,6 +240,14 @@ def load_any(folder, dtype=None, device="cpu"):
 
 # ----------------------------------------------------------------------------- writing
 
+def config_bos_id(tok):
+    """config.json's bos_token_id: the BOS the tokenizer adds, else the one its tokenizer_config.json names
+    without adding it (SmolLM2's <|im_start|>, 1), as the source folder's config.json says."""
+    if tok is None or tok.bos_id is not None or tok.kind != "hf":
+        return None if tok is None else tok.bos_id
+    return tok.hf.token_to_id(token_strings(tok.path.parent).get("bos_token", ""))
+
+
 def hf_config(args, tied, dtype, tok):
     config = dict(
         architectures=["LlamaForCausalLM"], model_type="llama", hidden_size=args.dim,
@@ -248,8 +257,9 @@ def hf_config(args, tied, dtype, tok):
         rope_theta=args.rope_theta, rope_scaling=None, vocab_size=args.vocab_size,
         # Meta's params.json holds no context length: the run's, or LLaMA-3.1's for scaled RoPE
         max_position_embeddings=max(args.max_seq_len, LLAMA31_CONTEXT if args.use_scaled_rope else 0),
-        tie_word_embeddings=tied, bos_token_id=tok.bos_id if tok else None, eos_token_id=tok.eos_id if tok else None,
-        torch_dtype=str(dtype).removeprefix("torch."), attention_bias=False, mlp_bias=False)
+        tie_word_embeddings=tied, bos_token_id=config_bos_id(tok), eos_token_id=tok.eos_id if tok else None,
+        pad_token_id=tok.pad_id if tok else None, torch_dtype=str(dtype).removeprefix("torch."),
+        attention_bias=False, mlp_bias=False)
     if args.use_scaled_rope:  # transformers 4.x's keys, which 5.x reads too
         config["rope_scaling"] = {"rope_type": "llama3", **{k: getattr(args, f) for k, f in LLAMA3_SCALING.items()},
                                   "original_max_position_embeddings": args.rope_original_context}
@@ -291,10 +301,11 @@ def write_json(path, obj):
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def write_hf(state, args, out_dir, tokenizer_path=None, dtype=None, max_shard_bytes=SHARD_BYTES):
+def write_hf(state, args, out_dir, tokenizer_path=None, dtype=None, max_shard_bytes=SHARD_BYTES, template=None):
     """Meta's keys (tied: no output.weight, or the embedding tensor itself) -> an HF folder: config.json,
     model.safetensors (or shards of at most max_shard_bytes with model.safetensors.index.json),
-    generation_config.json and the tokenizer, written into a temporary folder renamed into place."""
+    generation_config.json, the tokenizer and the record of the chat template trained with
+    (chat_template.record), written into a temporary folder renamed into place."""
     out_dir = Path(out_dir)
     check_replace(out_dir, "config.json")
     tied = state.get("output.weight") is None or state["output.weight"] is state["tok_embeddings.weight"]
@@ -323,16 +334,20 @@ def write_hf(state, args, out_dir, tokenizer_path=None, dtype=None, max_shard_by
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             write_json(tmp / "model.safetensors.index.json", index)
         write_json(tmp / "config.json", hf_config(args, tied, dtype, tok))
-        if tok is not None:  # every stop id as an EOS: transformers' generate then ends an answer where sample.py does
-            write_json(tmp / "generation_config.json", {"bos_token_id": tok.bos_id, "eos_token_id": tok.stop_ids,
-                                                        "pad_token_id": tok.pad_id})
-            write_hf_tokenizer(tok, tmp)
+        if tok is not None:
+            write_hf_tokenizer(tok, tmp)  # with the source's generation_config.json, if it has one: kept, and
+            # every stop id as an EOS: transformers' generate then ends an answer where sample.py does
+            gen = read_config(tmp / "generation_config.json")
+            write_json(tmp / "generation_config.json", gen | {"bos_token_id": config_bos_id(tok),
+                                                              "eos_token_id": tok.stop_ids, "pad_token_id": tok.pad_id})
+        if template is not None:
+            record(tmp, template)
     return out_dir
 
 
-def save_hf(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16):
+def save_hf(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16, template=None):
     """A Transformer as an HF folder, each weight cast to dtype as it is written."""
-    return write_hf(llama.model_state(model), model.args, out_dir, tokenizer_path, dtype)
+    return write_hf(llama.model_state(model), model.args, out_dir, tokenizer_path, dtype, template=template)
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -344,7 +359,8 @@ def to_meta(src, out):
     # the tokenizer our scripts read there: tokenizer.json (with the files that set its special ids)
     # where there is one, so the Meta folder tokenizes as the HF one did
     tok_path = llama.find_tokenizer(src, required=True)
-    llama.save_meta(load_hf(src), out, tokenizer_path=tok_path, dtype=None)  # each weight in its own dtype
+    llama.save_meta(load_hf(src), out, tokenizer_path=tok_path, dtype=None,  # each weight in its own dtype
+                    template=folder_template(src))
 
 
 def to_hf(src, out):
@@ -352,7 +368,8 @@ def to_hf(src, out):
         raise UserError(f"{src}: not a Meta folder (no params.json)")
     check_replace(out, "config.json")
     tok_path = llama.find_tokenizer(src, required=True)
-    save_hf(llama.load_meta(src), out, tokenizer_path=tok_path, dtype=None)  # every weight in the embedding's dtype
+    save_hf(llama.load_meta(src), out, tokenizer_path=tok_path, dtype=None,  # every weight in the embedding's dtype
+            template=folder_template(src))
 
 
 def run(argv):

@@ -19,6 +19,7 @@ import matplotlib.pyplot as plt  # noqa: E402  (after the backend is chosen)
 METRICS = (("clean_train_loss", "clean training loss (noise off)"), ("eval_loss", "held-out loss"))
 LINESTYLES = ("-", "--", ":", "-.")
 FIGSIZE, DPI = (10, 4), 100  # 1000 x 400 pixels
+FEW = 20  # evaluation points up to which each one is marked
 TABLE4 = (("chars", "mean length (characters)"), ("words", "mean length (words)"), ("rep_2", "2-gram repetition (%)"),
           ("rep_3", "3-gram repetition (%)"), ("rep_4", "4-gram repetition (%)"), ("log_diversity", "log-diversity"))
 
@@ -28,7 +29,8 @@ def read_log(path):
 
 
 def curve_series(records):
-    """{metric: (steps, values)} from log.jsonl records: the steps where the clean losses were measured."""
+    """{metric: (steps, values)} from log.jsonl records: the steps where the clean losses were measured
+    (step 0: before finetuning)."""
     return {m: ([r["step"] for r in records if m in r], [r[m] for r in records if m in r]) for m, _ in METRICS}
 
 
@@ -43,9 +45,11 @@ def curves_figure(runs, title=None):
         style = dict(color=f"C{alphas.index(alpha) % 10}", linestyle=LINESTYLES[kinds.index(kind) % len(LINESTYLES)],
                      label=f"alpha {alpha:g}" + (f", {kind}" if len(kinds) > 1 else ""))
         for ax, (metric, _) in zip(axes, METRICS):
-            ax.plot(*series[metric], **style)
+            # a short run has few points (a single one draws no line at all): mark each
+            ax.plot(*series[metric], **style, marker="o" if len(series[metric][0]) <= FEW else None)
     for ax, (_, label) in zip(axes, METRICS):
         ax.set(xlabel="optimizer step", ylabel="loss per response token", title=label)
+        ax.ticklabel_format(useOffset=False)  # "1.562" on the axis, not "1e-5 + 1.562" over it
         ax.grid(alpha=0.3)
         ax.legend()
     if title:

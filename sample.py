@@ -268,7 +268,8 @@ def run(argv):
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", help='JSON list of {"instruction", ["input"], ["dataset"]}: AlpacaEval\'s file')
     src.add_argument("--prompt", help="one instruction; its answer is streamed to stdout")
-    add("--template", default="alpaca", choices=data.TEMPLATES, help="prompt format used in training (default: alpaca)")
+    add("--template", choices=data.TEMPLATES, help="prompt format (default: the one the checkpoint records, "
+        "from train.py or the Hugging Face folder's own chat template)")
     add("--out", default="outputs.json", help="AlpacaEval outputs file, with --prompts (default: outputs.json)")
     add("--overwrite", action="store_true", help="replace an existing --out file")
     add("--generator", help="model name written into the outputs (default: the checkpoint's folder name)")
@@ -289,6 +290,7 @@ def run(argv):
         "long answers, CUDA graphs on GPU; on a CPU kept only where it times faster)")
     a = p.parse_args(argv)
     check_args(a)
+    template = data.pick_template(a.ckpt, a.template)  # before the model loads: one line if there is none
     records = read_prompts(a.prompts)[:a.limit] if a.prompts is not None else None
     dtype = {"bf16": torch.bfloat16,
              "fp32": torch.float32}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
@@ -296,7 +298,7 @@ def run(argv):
     ids = []
     for i, r in enumerate(records or [{"instruction": a.prompt}]):
         try:
-            ids.append(data.prompt_ids([user_message(r, a.meta_prompt)], tok, a.template))
+            ids.append(data.prompt_ids([user_message(r, a.meta_prompt)], tok, template))
         except ValueError as e:
             raise UserError(f"{a.prompts or '--prompt'}: record {i}: {e}") from None
     # HF's max_length counts the prompt; per prompt here, so a batch's longest prompt shortens no other.

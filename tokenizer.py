@@ -231,14 +231,18 @@ class Tokenizer:
 
 # A tokenizer.json's BOS, EOS, pad and stop ids come from the files beside it (hf_special_ids)
 HF_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json", "generation_config.json")
+# The chat template a folder records (chat_template.py) goes wherever its tokenizer goes
+TEMPLATE_FILES = ("chat_template.jinja", "template.json")
 
 
 def copy_tokenizer(path, folder):
     """Copy a tokenizer file into `folder` under the name find_tokenizer looks for: tokenizer.model, or
-    tokenizer.json with the config files beside it (copied alone it would lose its EOS and stop ids)."""
+    tokenizer.json with the config files beside it (copied alone it would lose its EOS and stop ids),
+    and the chat template recorded beside it."""
     path, folder = Path(path), Path(folder)
     is_json = Tokenizer(path).kind == "hf"
-    for src in [path, *(path.with_name(name) for name in HF_CONFIG_FILES if is_json)]:
+    for src in [path, *(path.with_name(name) for name in HF_CONFIG_FILES if is_json),
+                *(path.with_name(name) for name in TEMPLATE_FILES)]:
         dst = folder / ("tokenizer.json" if src == path and is_json else "tokenizer.model" if src == path else src.name)
         if src.is_file() and src.resolve() != dst.resolve():
             shutil.copyfile(src, dst)

@@ -91,7 +91,7 @@ def build_data(args, tok_dir, verbose):
         train = data.load_dataset(args.data, tok, args.template, args.max_len, args.format, verbose)
     else:
         records = builtin_data.builtin_records(args.seed, args.builtin_size, args.builtin)
-        train = data.tokenize_records(records, tok, args.template or "alpaca", args.max_len, "built-in data", verbose)
+        train = data.tokenize_records(records, tok, args.template, args.max_len, "built-in data", verbose)
     if args.eval_data:
         held_out = data.load_dataset(args.eval_data, tok, args.template, args.max_len, args.format, verbose)
     else:
@@ -101,6 +101,15 @@ def build_data(args, tok_dir, verbose):
     if args.pack:
         train = data.pack(train, args.max_len)
     return tok, tok_path, train, clean_train, held_out
+
+
+def resolve_template(args):
+    """--template, else the --init folder's own chat template, else the data's default (alpaca for Alpaca
+    records and the built-in data, vicuna for chats): set once, so the settings line says which."""
+    if args.template is None and args.init:
+        args.template = data.recorded_template(args.init)
+    if args.template is None:
+        args.template = data.default_template(data.read_format(args.data, args.format)[1]) if args.data else "alpaca"
 
 
 def steps_per_epoch(args, train):
@@ -194,6 +203,7 @@ def lr_lambda(warmup, total):
 
 
 PROGRESS = {}  # where the current run is, for the one line that Ctrl-C prints
+SMALL_EVAL = 50  # held-out examples below which a run says its held-out loss is noisy
 
 
 def finished(out, total_steps):
@@ -218,8 +228,9 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
             ckpt.check_lora(saved, ckpt.lora_config(args))
         log(f"--resume: {out} is complete ({total_steps} steps, {out / 'final'}); nothing to do")
         last = [r for r in done if "eval_loss" in r][-1]
+        speeds = [r["tokens_per_s"] for r in done if "tokens_per_s" in r]  # the step-0 evaluation has none
         return dict(alpha=alpha, noise=kind, clean_train_loss=last["clean_train_loss"], eval_loss=last["eval_loss"],
-                    tokens_per_s=sum(r["tokens_per_s"] for r in done) / len(done))
+                    tokens_per_s=sum(speeds) / max(len(speeds), 1))
     init = ckpt.read_init(args.init, tok) if args.init else None
     model = ckpt.build_model(args, init, tok.n_words, device, mesh, dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
@@ -249,7 +260,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
     log_path = out / "log.jsonl"
     if rank == 0:  # keep the log consistent with the checkpoint: drop steps a killed run logged past it
         out.mkdir(parents=True, exist_ok=True)  # the first write of a run: everything is checked by now
-        old = log_path.read_text().splitlines() if log_path.exists() else []
+        old = log_path.read_text().splitlines() if log_path.exists() and step else []
         log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
     trained = sum(p.numel() for p in params)
     log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {epoch_steps} "
@@ -257,8 +268,17 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params ({trained / 1e6:.3f}M trained), "
         f"{str(dtype)[6:]} on {device.type}")
 
+    if len(held_out) < SMALL_EVAL:
+        cut = ", and --eval-examples" if len(held_out) == args.eval_examples else ""
+        log(f"warning: the held-out loss is measured on {len(held_out)} examples, under {SMALL_EVAL}: it is noisy "
+            f"(raise --eval-frac or give --eval-data{cut})")
+    if step == 0:  # the loss before finetuning: the pretrained (or initial) model's baseline, at step 0
+        record = dict(step=0, epoch=0.0, tokens=0) | clean_losses(0)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(record) + "\n")
     pbar = PROGRESS["bar"] = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
-    speeds, record, order_epoch = [], {}, None
+    speeds, record, order_epoch = [], {}, None  # a run ends with its last step's clean losses
     while step < total_steps:
         epoch, offset = divmod(step, epoch_steps)
         if epoch != order_epoch:  # the data order is a function of (seed, epoch): resume is exact
@@ -311,7 +331,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
     if "eval_loss" not in record:  # resumed after the last step: the sweep table still needs these
         record |= clean_losses(step)
     export = torch.float32 if args.export_dtype == "fp32" else torch.bfloat16
-    ckpt.export_final(out, model, tok_path, rank, export, lora_cfg, export_hf=args.export_hf)
+    ckpt.export_final(out, model, tok_path, rank, export, lora_cfg, export_hf=args.export_hf, template=args.template)
     if not args.data and args.builtin == "tasks" and rank == 0:  # checkable answers: what does the model get right?
         score = sample.write_accuracy(out / "final", tok, held_out, out / "accuracy.json", device)
         log(f"exact match of greedy answers on {len(held_out)} held-out built-in tasks: {score:.1%}")
@@ -351,7 +371,8 @@ def check_only(args, tok_dir):
         margs = ckpt.read_init(args.init, tok)[0]
         what = f"{args.init} ({margs.n_layers} layers, dim {margs.dim})"
     steps_per_epoch(args, train)
-    print(f"train.py: --check: fine: {what}, {len(train)} training rows, {len(held_out)} held out")
+    print(f"train.py: --check: fine: {what}, {len(train)} training rows, {len(held_out)} held out, "
+          f"template {args.template}")
 
 
 def run(argv):
@@ -359,6 +380,7 @@ def run(argv):
     lock = None
     try:
         args = parse_args(argv)
+        resolve_template(args)
         if args.check:
             return check_only(args, tok_dir)
         rank, world, device, mesh = setup_distributed(args.device)

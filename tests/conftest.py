@@ -86,8 +86,10 @@ def assert_same_run(out, ref):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def read_log(out):
-    return [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+def read_log(out, baseline=False):
+    """OUT/log.jsonl's records of the training steps; baseline=True: with the step-0 evaluation first."""
+    records = [json.loads(line) for line in (Path(out) / "log.jsonl").read_text().splitlines()]
+    return records if baseline else [r for r in records if r["step"] > 0]
 
 
 def losses(out):

@@ -11,6 +11,7 @@ import checkpoint
 import data
 import sample
 import train
+from chat_template import record
 from model import CheckpointError, ModelArgs, Transformer, load_meta, save_meta
 
 
@@ -121,7 +122,7 @@ def test_params_json_with_a_string_dim(tmp_path, capsys):
         load_meta(tmp_path / "m")
     (tmp_path / "p.json").write_text(json.dumps([{"instruction": "hi"}]))
     code = sample.main(["--ckpt", str(tmp_path / "m"), "--prompts", str(tmp_path / "p.json"),
-                        "--out", str(tmp_path / "o.json")])
+                        "--out", str(tmp_path / "o.json"), "--template", "alpaca"])
     assert code == 2 and '"dim" must be an integer' in one_error_line(capsys.readouterr().err, "sample.py")
 
 
@@ -131,6 +132,7 @@ def tiny_ckpt(tmp_path):
     torch.manual_seed(0)
     save_meta(Transformer(ModelArgs(dim=32, n_layers=1, n_heads=2, vocab_size=tok.n_words, multiple_of=16)),
               tmp_path / "ckpt", dtype=torch.float32)
+    record(tmp_path / "ckpt", "alpaca")
     (tmp_path / "prompts.json").write_text(json.dumps([{"instruction": "What is 2 + 3?"}]))
     return tmp_path / "ckpt"
 

@@ -214,3 +214,21 @@ def test_published_alpaca_eval_lengths(shared):  # the fixture: skipped without 
         s = length_stats([o["output"] for o in outputs])
         assert s["n"] == 805
         assert round(s["chars"], 1) == chars, model
+
+
+def test_cli_rows_are_file_names_and_an_empty_refs_match_says_why(tmp_path):
+    train = write(tmp_path / "train.json", [{"instruction": "q", "input": "", "output": "a b c d"}])
+    (tmp_path / "runs").mkdir()
+    gen = write(tmp_path / "runs" / "neft.json", [{"instruction": "q", "output": "a b c d"}])
+    eval_outputs = write(tmp_path / "alpaca_eval.json", [{"instruction": "not in train", "output": "x y"}])
+    r = run_cli(gen, eval_outputs, "--refs", train)
+    assert r.returncode == 0, r.stderr
+    rows = r.stdout.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == ["neft", "alpaca_eval"]
+    assert rows[0].split()[-1] == "1" and rows[1].split()[-3:] == ["-", "-", "0"]
+    assert r.stderr.count("\n") == 1  # one line for the file with no match, naming it and the fix
+    assert str(eval_outputs) in r.stderr and "n_refs 0" in r.stderr and "--refs must be the training file" in r.stderr
+    # two files of one name: their paths tell them apart
+    other = write(tmp_path / "neft.json", [{"instruction": "q", "output": "a"}])
+    rows = run_cli(gen, other).stdout.splitlines()[1:]
+    assert [row.split()[0] for row in rows] == [str(gen), str(other)]

@@ -113,7 +113,7 @@ def test_cli_compile_gives_the_same_answer(tmp_path):
     tok = builtin_data.builtin_tokenizer(tmp_path / "tok" / "tokenizer.model")
     ckpt = save_meta(tiny_model(vocab_size=tok.n_words), tmp_path / "run" / "final", tokenizer_path=tok.path)
     texts = []
-    for extra in ([], ["--compile"]):
+    for extra in (["--template", "alpaca"], ["--template", "alpaca", "--compile"]):
         p = call(sample.main, "--ckpt", ckpt, "--prompt", "Name three rivers.", "--max-new-tokens", "10", *extra)
         assert p.returncode == 0, p.stderr
         texts.append(p.stdout)

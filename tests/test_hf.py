@@ -432,7 +432,7 @@ def test_sample_reads_hf_folders_as_meta_ones(tmp_path, sp_tok):
     meta = save_meta(m, tmp_path / "meta", tokenizer_path=sp_tok.path, dtype=torch.float32)
     folder = hf.save_hf(m, tmp_path / "hf", tokenizer_path=sp_tok.path, dtype=torch.float32)
     r = call(sample.main, "--ckpt", folder, "--prompt", "Hello", "--max-new-tokens", 4, "--device", "cpu",
-             "--dtype", "fp32")
+             "--dtype", "fp32", "--template", "alpaca")
     assert r.returncode == 0 and r.stdout.strip(), r.stderr
     # the same greedy ids from both folders (their texts may differ: a tokenizer.json decodes a broken
     # UTF-8 byte run with one U+FFFD per byte, SentencePiece with one per run)

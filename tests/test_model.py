@@ -386,7 +386,8 @@ def test_unknown_params_refused_and_vocab_taken_from_embedding(tmp_path):
 # ---- loading from the command line: sample.py --ckpt DIR --prompt (model.py has no command line) ----
 
 def run_cli(folder, *args):
-    return call(sample.main, "--ckpt", folder, "--prompt", "Hello", "--device", "cpu", "--dtype", "fp32", *args)
+    return call(sample.main, "--ckpt", folder, "--prompt", "Hello", "--template", "alpaca", "--device", "cpu",
+                "--dtype", "fp32", *args)
 
 
 def test_cli_bad_folder(tmp_path):

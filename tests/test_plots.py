@@ -92,6 +92,26 @@ def test_plot_curves_draws_the_logged_numbers(tmp_path):
     assert style[(5.0, "uniform")] == style[(0.0, "uniform")] != style[(5.0, "gaussian")] == style[(15.0, "gaussian")]
 
 
+def test_few_evaluation_points_are_drawn_and_readable(tmp_path, monkeypatch):
+    # a run shorter than --eval-every: a lone point (an older log without step 0), or step 0 and its last
+    # step with losses 1e-7 apart, which matplotlib would label "1e-7+1.562" above the axis
+    lone = [{"step": s, "loss": 2.0} for s in range(1, 18)] + [{"step": 18, "loss": 2.0, "clean_train_loss": 1.5620001,
+                                                                "eval_loss": 1.5620003}]
+    two = [{"step": 0, "clean_train_loss": 1.5620001, "eval_loss": 1.5620003}] + lone[:-1] + [
+        {"step": 18, "loss": 2.0, "clean_train_loss": 1.5620002, "eval_loss": 1.5620005}]
+    figures = []
+    monkeypatch.setattr(plots.plt, "close", figures.append)  # plot_curves draws, saves, then hands the figure here
+    for records, steps, values in ((lone, [18], [1.5620003]), (two, [0, 18], [1.5620003, 1.5620005])):
+        plots.plot_curves([(5.0, "uniform", records)], tmp_path / "curves.png")
+        for ax in figures[-1].axes:
+            assert [line.get_marker() for line in ax.lines] == ["o"]  # a lone point is visible
+            assert ax.yaxis.get_major_formatter().get_offset() == ""  # set when drawn: savefig drew it
+        assert list(map(list, figures[-1].axes[1].lines[0].get_data())) == [steps, values]
+    many = [{"step": s, "eval_loss": 1.0, "clean_train_loss": 1.0} for s in range(30)]
+    plots.plot_curves([(5.0, "uniform", many)], tmp_path / "many.png")
+    assert figures[-1].axes[0].lines[0].get_marker() == "None"  # a long curve is a plain line
+
+
 def test_final_gaps(tmp_path):
     for alpha, seed in ((0, 0), (5, 10)):
         (tmp_path / f"alpha_{alpha}").mkdir()
@@ -120,7 +140,8 @@ def test_train_sweep_writes_curves(tmp_path):
     for a, k, d in runs:
         logged = [json.loads(line) for line in (d / "log.jsonl").read_text().splitlines()]
         for metric in ("eval_loss", "clean_train_loss"):
-            assert drawn[(a, k)][metric] == ([2, 4], [r[metric] for r in logged if r["step"] in (2, 4)])
+            # step 0: the loss before training, the baseline
+            assert drawn[(a, k)][metric] == ([0, 2, 4], [r[metric] for r in logged if r["step"] in (0, 2, 4)])
 
 
 # ---------------------------------------------------------------- eval_len.py --plot

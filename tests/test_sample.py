@@ -11,6 +11,7 @@ from conftest import PROMPTS, call, tiny_model
 import builtin_data
 import data
 import sample
+from chat_template import record
 from model import ModelArgs, Tokenizer, Transformer, load_meta, save_meta
 from sample import apply_repetition_penalty, generate, sample_top_p
 
@@ -206,7 +207,9 @@ def test_stream_builtin_tokenizer(builtin_tok):
 @pytest.fixture(scope="module")
 def ckpt(tmp_path_factory, builtin_tok):
     model = tiny_model(vocab_size=builtin_tok.n_words)
-    return save_meta(model, tmp_path_factory.mktemp("run") / "my-run" / "final", tokenizer_path=builtin_tok.path)
+    folder = save_meta(model, tmp_path_factory.mktemp("run") / "my-run" / "final", tokenizer_path=builtin_tok.path)
+    record(folder, "alpaca")  # as train.py records the template it trained with
+    return folder
 
 
 def write(path, obj):
@@ -355,3 +358,13 @@ def test_exact_match_answers_on_examples(tmp_path):
                                                                                                             "2 + 2 = 4"]
     assert r["exact_match"] == 0.5 and [a["correct"] for a in r["answers"]] == [True, False]
     assert r["answers"][1]["prompt"].endswith("What is 2 + 2?\n\n### Response:")
+
+
+def test_a_checkpoint_without_a_template_needs_template(tmp_path, builtin_tok, capsys):
+    # never an empty answer with exit 0 from a guessed template: one line, before the model loads
+    folder = save_meta(tiny_model(vocab_size=builtin_tok.n_words), tmp_path / "final", tokenizer_path=builtin_tok.path)
+    assert sample.main(["--ckpt", str(folder), "--prompt", "Hi.", "--max-new-tokens", "2"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "records no chat template" in err and "pass --template" in err
+    assert sample.main(["--ckpt", str(folder), "--prompt", "Hi.", "--max-new-tokens", "2", "--template", "alpaca"]) == 0
+    assert capsys.readouterr().err == ""

@@ -200,20 +200,26 @@ def test_finetune_meta_checkpoint_with_eval_file(tmp_path):
     held = [{"instruction": f"What is {i} + 3?", "output": f"{i} + 3 = {i + 3}"} for i in range(6)]
     (tmp_path / "train.json").write_text(json.dumps(recs))
     (tmp_path / "eval.jsonl").write_text("".join(json.dumps(r) + "\n" for r in held))
-    # lr 0: the weights stay those of --init, so the logged clean eval loss must equal the loss of
-    # the checkpoint's model on the eval file, computed here directly
+    # the step-0 evaluation is before any update: the logged clean eval loss there must equal the loss
+    # of the checkpoint's model on the eval file, computed here directly
     p = run_train(["--init", str(ckpt), "--data", str(tmp_path / "train.json"), "--eval-data",
                    str(tmp_path / "eval.jsonl"),
              "--out", str(tmp_path / "o"), "--max-steps", "2", "--batch-size", "8", "--micro-batch-size", "4", "--lr",
-             "0"])
+             "1e-2"])
     settings = next(line for line in p.stdout.splitlines() + p.stderr.splitlines() if line.startswith("settings:"))
     assert "epochs=3 " in settings and "save_every=200 " in settings  # the paper recipe with --init
+    assert " template=alpaca " in settings  # a Meta folder records none: the data's default
+    assert "warning: the held-out loss is measured on 6 examples, under 50" in p.stdout + p.stderr
     examples = data.load_dataset(tmp_path / "eval.jsonl", tok, "alpaca", 128, verbose=False)
     b = data.collate(examples, tok.pad_id)
     with torch.no_grad():
         direct = train.response_loss_sum(init(b["input_ids"], mask=b["mask"]), b["labels"]).item()
     n = int((b["labels"][:, 1:] != -100).sum())
-    assert math.isclose(read_log(tmp_path / "o")[-1]["eval_loss"], direct / n, rel_tol=1e-5)
+    log = read_log(tmp_path / "o", baseline=True)
+    assert [r["step"] for r in log] == [0, 1, 2] and "loss" not in log[0]
+    assert math.isclose(log[0]["eval_loss"], direct / n, rel_tol=1e-5)
+    assert not math.isclose(log[-1]["eval_loss"], direct / n, rel_tol=1e-3)  # and training moved it
+    assert json.loads((tmp_path / "o" / "final" / "template.json").read_text()) == {"template": "alpaca"}
 
 
 @pytest.mark.slow
