@@ -20,6 +20,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
+import chat_template
 import hf
 import lora
 from checks import UserError, atomic, read_json, remove
@@ -320,7 +321,8 @@ def export_final(out, model, tok_path, rank, dtype, lora_cfg=None, export_hf=Fal
         if lora_cfg:
             lora.save_adapters(out / "adapters.pth", state, **lora_cfg)
             state = {k: v for k, v in state.items() if not lora.is_adapter(k)}
-        write_meta(state, model.args, out / "final", tokenizer_path=tok_path, template=template)
+        write_meta(state, model.args, out / "final", tokenizer_path=tok_path,
+                   extra=lambda folder: chat_template.record(folder, template))
         if export_hf:
             hf.write_hf(state, model.args, out / "final_hf", tokenizer_path=tok_path, template=template)
     dist.barrier()

@@ -359,8 +359,9 @@ def to_meta(src, out):
     # the tokenizer our scripts read there: tokenizer.json (with the files that set its special ids)
     # where there is one, so the Meta folder tokenizes as the HF one did
     tok_path = llama.find_tokenizer(src, required=True)
+    template = folder_template(src)
     llama.save_meta(load_hf(src), out, tokenizer_path=tok_path, dtype=None,  # each weight in its own dtype
-                    template=folder_template(src))
+                    extra=lambda folder: record(folder, template))
 
 
 def to_hf(src, out):

@@ -328,17 +328,16 @@ def meta_params(args):
     return {k: v for k, v in d.items() if k != "max_seq_len" and v is not None and (k in shape or v != default[k])}
 
 
-def write_meta(state, args, out_dir, tokenizer_path=None, template=None):
-    """params.json + consolidated.00.pth (one shard) [+ the tokenizer, + the record of the chat template
-    trained with], written whole or not at all."""
+def write_meta(state, args, out_dir, tokenizer_path=None, extra=None):
+    """params.json + consolidated.00.pth (one shard) [+ the tokenizer] [+ what extra(folder) writes: the
+    chat template trained with], written whole or not at all."""
     with atomic(out_dir, folder=True, marker="params.json") as tmp:
         (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")
         if tokenizer_path is not None:
             copy_tokenizer(tokenizer_path, tmp)
-        if template is not None:
-            import chat_template
-            chat_template.record(tmp, template)
+        if extra is not None:
+            extra(tmp)
     return out_dir
 
 
@@ -348,6 +347,6 @@ def model_state(model, dtype=None):
     return name_tied(state, model.tied)
 
 
-def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16, template=None):
+def save_meta(model, out_dir, tokenizer_path=None, dtype=torch.bfloat16, extra=None):
     """A model in Meta's layout, readable by Meta's own code and every converter of Meta's layout."""
-    return write_meta(model_state(model, dtype), model.args, out_dir, tokenizer_path, template)
+    return write_meta(model_state(model, dtype), model.args, out_dir, tokenizer_path, extra)
