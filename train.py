@@ -29,11 +29,12 @@ from tqdm import tqdm
 import builtin_data
 import checkpoint as ckpt
 import data
+import qlora
 import sample
 from checkpoint import build_model, mixed_precision  # noqa: F401 (train.mixed_precision)
 from checks import RunLock, UserError, run_main
 from data import IGNORE
-from model import Tokenizer, find_tokenizer
+from model import Tokenizer, Transformer, find_tokenizer
 from noise import neftune_noise
 from precision import choose_dtype
 from recipes import BUILTIN_ONLY, RECIPES, SCRATCH_ONLY, parse_args  # noqa: F401 (train.RECIPES)
@@ -215,9 +216,11 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         last = [r for r in done if "eval_loss" in r][-1]
         return dict(alpha=alpha, noise=kind, clean_train_loss=last["clean_train_loss"], eval_loss=last["eval_loss"],
                     tokens_per_s=sum(r["tokens_per_s"] for r in done) / len(done))
+    lora_cfg = ckpt.lora_config(args)
+    for saved in ckpt.checkpoints(out)[-1:] if args.resume else []:  # other LoRA flags: refused before the build
+        ckpt.check_lora(saved, lora_cfg)
     model = build_model(args, ckpt.read_init(args.init, tok) if args.init else None, tok.n_words, device, mesh, dtype)
     params = [p for p in model.parameters() if p.requires_grad]  # with LoRA: the adapters only
-    lora_cfg = ckpt.lora_config(args)
     if lora_cfg:  # LoRA dropout draws from the global RNG: one stream per rank, saved in checkpoints
         torch.manual_seed(args.seed + rank)
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=args.weight_decay, betas=(0.9, 0.999), foreach=True)
@@ -249,7 +252,8 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
     log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {steps_per_epoch} "
         f"steps/epoch, {total_steps} steps | world {world}, {per_rank // args.micro_batch_size} micro-batches of "
         f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params ({trained / 1e6:.3f}M trained), "
-        f"{str(dtype)[6:]} on {device.type}")
+        f"{str(dtype)[6:]} on {device.type}" + (" | {} of {} weights in NF4 (every linear of every block)".format(
+            *qlora.count(model)) if args.quantize else ""))
 
     pbar = PROGRESS["bar"] = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     speeds, record, order_epoch = [], {}, None
@@ -326,6 +330,9 @@ def check_only(args, tok_dir):
     if args.init:
         margs = ckpt.read_init(args.init, tok)[0]
         what = f"{args.init} ({margs.n_layers} layers, dim {margs.dim})"
+        if args.quantize:  # the shapes torchao takes, on one rank (a torchrun launch checks its own world)
+            with torch.device("meta"):
+                qlora.check_shapes(Transformer(margs), 1)
     if len(train) < args.batch_size:
         raise UserError(f"{args.data or 'built-in data'}: {len(train)} training examples, "
                         f"fewer than one global batch of {args.batch_size}")
