@@ -108,9 +108,10 @@ def is_nf4(t):
 
 
 def count(model):
-    """Weights held in NF4, and all weights: for the run's summary line."""
-    params = list(model.parameters())
-    return sum(is_nf4(p.to_local() if isinstance(p, DTensor) else p) for p in params), len(params)
+    """(frozen weights in NF4, frozen weights kept in bf16): for the run's summary line."""
+    frozen = [p.to_local() if isinstance(p, DTensor) else p for p in model.parameters() if not p.requires_grad]
+    quantized = sum(is_nf4(p) for p in frozen)
+    return quantized, len(frozen) - quantized
 
 
 def dense(t):

@@ -249,11 +249,12 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         old = log_path.read_text().splitlines() if log_path.exists() else []
         log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
     trained = sum(p.numel() for p in params)
+    nf4 = " | {} weights in NF4 (every linear of every block), {} in bf16".format(*qlora.count(model)) \
+        if args.quantize else ""
     log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {steps_per_epoch} "
         f"steps/epoch, {total_steps} steps | world {world}, {per_rank // args.micro_batch_size} micro-batches of "
         f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params ({trained / 1e6:.3f}M trained), "
-        f"{str(dtype)[6:]} on {device.type}" + (" | {} of {} weights in NF4 (every linear of every block)".format(
-            *qlora.count(model)) if args.quantize else ""))
+        f"{str(dtype)[6:]} on {device.type}{nf4}")
 
     pbar = PROGRESS["bar"] = tqdm(total=total_steps, initial=step, disable=rank != 0, dynamic_ncols=True)
     speeds, record, order_epoch = [], {}, None
