@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 
 import bench_memory
+import bench_qlora
 import lora
 from bench_decode import DTYPES, bench_decode, bench_decode1, sync, timed
 from bench_memory import LLAMA2_7B, LOAD_CFG, LOSS_CFG, bench_load, bench_loss, lora_memory
@@ -188,6 +189,10 @@ PARTS = {
                                             a.lora_seq_len),
     "init_memory": lambda a, d: bench_memory.init_memory(size_cfg(bench_memory.INIT_CFG, a, preset=False)),
     "grad_sync": lambda a, d: bench_memory.grad_sync(size_cfg(bench_memory.GRAD_SYNC_CFG, a, preset=False)),
+    "qlora_memory": lambda a, d: bench_qlora.qlora_memory(size_cfg(bench_memory.INIT_CFG, a, preset=False)),
+    "qlora_speed": lambda a, d: bench_qlora.qlora_speed(size_cfg(TRAIN_CFG, a), a.seq_len, a.batch_size,
+                                                        a.noise_rounds, a.lora_rank),
+    "nf4_error": lambda a, d: bench_qlora.nf4_error(a.nf4_folder) if a.nf4_folder else {"skipped": "no --nf4-folder"},
     "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a), d, a.decode1_dtypes, a.new_tokens,
                                           a.prompt_len, a.decode1_rounds, a.copy_mb, a.profile),
 }
@@ -239,6 +244,7 @@ def main(argv=None):
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the lora and lora_memory parts")
     p.add_argument("--lora-micro-batch", type=int, default=4, help="lora_memory: micro-batch (LLaMA-2-7B by default)")
     p.add_argument("--lora-seq-len", type=int, default=512, help="lora_memory: sequence length")
+    p.add_argument("--nf4-folder", help="nf4_error: an HF folder whose linear weights are quantized (e.g. SmolLM2)")
     p.add_argument("--out", default="bench.json", help="results, merged into the file's existing parts")
     p.add_argument("--loss-batch-size", type=int, default=4, help="micro-batch of the loss-memory bench (x --seq-len)")
     a = p.parse_args(argv)
