@@ -94,12 +94,13 @@ def build_model(args, init, vocab_size, device, mesh, dtype):
             model.output.weight = model.tok_embeddings.weight
     if args.lora_rank:
         lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=args.seed)
-    if getattr(args, "quantize", None):  # QLoRA: NF4 before fully_shard, so that FSDP2 shards it as NF4
+    quantize = getattr(args, "quantize", None)
+    if quantize:  # QLoRA: NF4 before fully_shard, so that FSDP2 shards it as NF4
         qlora.quantize_meta(model, mesh.size())
     adapters = lora.initial_adapters(model, args.seed) if args.lora_rank and init else None
     model.train()
     mp = mixed_precision(device, dtype)
-    ignored = qlora.unsharded(model, mesh) if getattr(args, "quantize", None) else None
+    ignored = qlora.unsharded(model, mesh) if quantize else None
     for i, layer in enumerate(model.layers):
         if args.act_ckpt:  # keep only each block's input for backward, recompute the rest
             layer = model.layers[i] = checkpoint_wrapper(layer)
@@ -110,7 +111,7 @@ def build_model(args, init, vocab_size, device, mesh, dtype):
     if init is None:
         return model.to(device)
     model.to_empty(device=device)
-    fill_shards(model, weights, adapters, qlora.fill_nf4 if getattr(args, "quantize", None) else None)
+    fill_shards(model, weights, adapters, qlora.fill_nf4 if quantize else None)
     return model
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import data
 import lora
+import qlora
 from checks import ArgumentParser, UserError, number, writable_folder
 from noise import KINDS
 
@@ -151,5 +152,4 @@ def check_quantize(args):
                         "would train nothing but adapters on random weights)")
     if args.dtype == "fp32":
         raise UserError("--quantize nf4 computes in bf16 (torchao dequantizes NF4 to bf16); drop --dtype fp32")
-    import qlora  # torchao only with --quantize
-    qlora.torchao_nf4()
+    qlora.torchao_nf4()  # torchao itself: imported only here, with --quantize

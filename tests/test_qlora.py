@@ -16,6 +16,7 @@ import qlora
 import train
 from model import ModelArgs, Transformer, load_meta, save_meta
 
+pytest.importorskip("torchao")  # in requirements.txt, for --quantize only
 nf4 = qlora.torchao_nf4()
 
 
