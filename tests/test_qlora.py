@@ -230,3 +230,19 @@ def test_kill_and_resume_is_exact_and_another_quantize_is_refused(ref):
     p = run_train(["--out", str(ref_out), "--resume", *plain], check=False, env=ENV)
     assert p.returncode == 2 and "saved by a run with --quantize nf4, this run has --quantize (none)" in \
         one_error_line(p.stderr)
+
+
+def test_bench_counts_the_nf4_bytes_torchao_holds():
+    import bench_qlora
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=100, multiple_of=32)
+    counted, n_params = bench_qlora.nf4_bytes(args)
+    torch.manual_seed(0)
+    model = bench_qlora.quantized(Transformer(args).bfloat16())
+    held = 0
+    for p in model.parameters():
+        if qlora.is_nf4(p):  # the codes, the int8 scalers and their factors (the mean and table: a few bytes)
+            held += sum(t.numel() * t.element_size() for t in (p.quantized_data, p.quantized_scalers,
+                                                                 p.quantization_factor))
+        else:
+            held += p.numel() * p.element_size()
+    assert n_params == Transformer(args).num_params() and counted == held
