@@ -182,10 +182,10 @@ def test_two_ranks_quantize_as_one(setup):
 
 @pytest.fixture(scope="module")
 def ref(setup):
-    """2 ranks, 8 steps, checkpoints every 2, dropout on: the uninterrupted QLoRA run."""
+    """2 ranks, 6 steps, checkpoints every 2, dropout on: the uninterrupted QLoRA run."""
     root, _, flags = setup
-    common = [*flags, "--lr", "2e-2", "--lora-dropout", "0.1", "--max-steps", "8", "--save-every", "2",
-              "--eval-every", "4"]
+    common = [*flags, "--lr", "2e-2", "--lora-dropout", "0.1", "--max-steps", "6", "--save-every", "2",
+              "--eval-every", "3"]
     run_train(["--out", str(root / "ref"), *common, "--export-hf"], nproc=2)
     return root / "ref", common
 
