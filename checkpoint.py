@@ -23,6 +23,7 @@ from torch.distributed.tensor import DTensor
 import chat_template
 import hf
 import lora
+import qlora
 from checks import UserError, atomic, read_json, remove
 from model import SPLIT_DIM, ModelArgs, Transformer, check_shapes, meta_parts, write_meta
 
@@ -118,17 +119,18 @@ def shard_rows(p):
 
 
 @torch.no_grad()
-def fill_shards(model, weights, extra=None):
+def fill_shards(model, weights, extra=None, fill=None):
     """Copy each rank's rows of every weight into the sharded model, one weight at a time, reading
     only those rows from the memory-mapped checkpoint (Weight): no rank ever holds the whole
     model, nor a second copy of its own shard (copy_ converts the dtype in place). extra: full
-    tensors for what the checkpoint lacks (the LoRA adapters' initial values)."""
+    tensors for what the checkpoint lacks (the LoRA adapters' initial values). fill(p, rows): the
+    copy, where it is more than copy_ (qlora.fill_nf4 quantizes the rows of NF4 weights)."""
     for key, p in model.state_dict(keep_vars=True).items():
         if key == "output.weight" and p is model.tok_embeddings.weight:
             continue  # tied: filled as the embedding
         start, end = shard_rows(p)
         rows = weights[key].read(start, end) if key in weights else extra[key][start:end]
-        local(p).copy_(rows)
+        fill(p, rows) if fill else local(p).copy_(rows)
 
 
 def mixed_precision(device, dtype):
@@ -158,27 +160,31 @@ def build_model(args, init, vocab_size, device, mesh, dtype):
             model.output.weight = model.tok_embeddings.weight
     if args.lora_rank:
         lora.add_lora(model, args.lora_rank, args.lora_alpha, args.lora_dropout, args.lora_targets, seed=args.seed)
+    quantize = getattr(args, "quantize", None)
+    if quantize:  # QLoRA: NF4 before fully_shard, so that FSDP2 shards it as NF4
+        qlora.quantize_meta(model, mesh.size())
     adapters = lora.initial_adapters(model, args.seed) if args.lora_rank and init else None
     model.train()
     mp = mixed_precision(device, dtype)
+    ignored = qlora.unsharded(model, mesh) if quantize else None
     for i, layer in enumerate(model.layers):
         if args.act_ckpt:  # keep only each block's input for backward, recompute the rest
             layer = model.layers[i] = checkpoint_wrapper(layer)
         if args.compile:
             layer.compile()
-        fully_shard(layer, mesh=mesh, mp_policy=mp)
-    fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(layer, mesh=mesh, mp_policy=mp, ignored_params=ignored)
+    fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=ignored)
     if init is None:
         return model.to(device)
     model.to_empty(device=device)
-    fill_shards(model, weights, adapters)
+    fill_shards(model, weights, adapters, qlora.fill_nf4 if quantize else None)
     return model
 
 
 def check_finite(model, out, what):
     """Non-finite weights are never written: a diverged run would export NaNs that sample.py turns
     into "⁇ ⁇ ⁇". Each rank checks its own shards; the verdict is summed over ranks."""
-    bad = sum(int(not torch.isfinite(local(p)).all()) for p in model.parameters())
+    bad = sum(int(not torch.isfinite(qlora.dense(local(p))).all()) for p in model.parameters())  # NF4: dequantized
     bad = torch.tensor(bad, device=next(model.parameters()).device)
     dist.all_reduce(bad)
     if bad.item():
@@ -221,7 +227,9 @@ def lora_config(args):
     """What re-applies the adapters; also recorded in checkpoints so --resume refuses other flags."""
     if not args.lora_rank:
         return None
-    return dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=list(args.lora_targets))
+    quantize = {"quantize": args.quantize} if getattr(args, "quantize", None) else {}  # QLoRA's base: NF4
+    return dict(rank=args.lora_rank, alpha=args.lora_alpha, dropout=args.lora_dropout, targets=list(args.lora_targets),
+                **quantize)
 
 
 def save_checkpoint(out, model, opt, sched, step, tokens_seen, rank, keep, lora_cfg=None, dtype=None):
@@ -255,6 +263,10 @@ FLAGS = {"dim": "--dim", "n_layers": "--n-layers", "n_heads": "--n-heads", "max_
 def check_lora(path, lora_cfg):
     """The checkpoint's train_state.json, after checking that it was saved with these LoRA settings."""
     meta = read_json(path / "train_state.json", expect=dict)
+    saved_q, this_q = ((cfg or {}).get("quantize") for cfg in (meta.get("lora"), lora_cfg))
+    if saved_q != this_q:  # the base the adapters were trained on: NF4-dequantized, or not
+        raise UserError(f"{path}: saved by a run with --quantize {saved_q or '(none)'}, this run has --quantize "
+                        f"{this_q or '(none)'}; resume with the run's --quantize")
     if meta.get("lora") != lora_cfg:
         raise UserError(f"{path}: saved with LoRA settings {meta.get('lora')}, this run has {lora_cfg}; "
                         f"resume with the same --lora-* flags (and the same --init)")

@@ -104,11 +104,13 @@ def merge_state_dict(state, scale, dtype=torch.float32):
     return merged
 
 
-def save_adapters(path, state, rank, alpha, dropout, targets):
+def save_adapters(path, state, rank, alpha, dropout, targets, quantize=None):
     """The adapters and what re-applies them (load_adapters), loadable with weights_only=True,
-    written under a temporary name and renamed: a crash never leaves half a file."""
+    written under a temporary name and renamed: a crash never leaves half a file. quantize: "nf4"
+    when they were trained on QLoRA's NF4 base, recorded since they fit that base best."""
     with atomic(path) as tmp:
         torch.save({"rank": rank, "alpha": alpha, "dropout": dropout, "targets": list(targets),
+                    **({"quantize": quantize} if quantize else {}),
                     "adapters": {k: v.detach().cpu().contiguous() for k, v in lora_state_dict(state).items()}}, tmp)
 
 

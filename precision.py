@@ -49,6 +49,8 @@ def choose_dtype(args, device, out):
         return saved, "kept from the checkpoint being resumed"
     if args.dtype:
         return args.dtype, "--dtype"
+    if getattr(args, "quantize", None):
+        return "bf16", "--quantize nf4 computes in bf16"
     if device.type == "cuda":
         return "bf16", "CUDA default: FSDP mixed precision"
     flops = torch.tensor(matmul_flops(), dtype=torch.float64)

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import data
 import lora
+import qlora
 from checks import ArgumentParser, UserError, number, writable_folder
 from noise import KINDS
 
@@ -92,6 +93,8 @@ def parse_args(argv=None):
     add("--lora-alpha", type=float, default=16.0, help="LoRA alpha: the adapters' scale is alpha/R (default: 16)")
     add("--lora-dropout", type=float, default=0.05, help="dropout on the adapters' input (default: 0.05)")
     add("--lora-targets", nargs="+", default=list(lora.TARGETS), help="linears of each block to adapt (default: all 7)")
+    add("--quantize", choices=("nf4",), help="QLoRA: hold the frozen base's linear weights in 4-bit NF4 (torchao), "
+        "with --lora-rank and --init; bf16 compute")
     add("--check", action="store_true", help="check the flags, files and --init folder, then exit: a cheap run with "
         "plain python before a long torchrun launch")
     args = p.parse_args(argv)
@@ -133,6 +136,20 @@ def check_args(args):
     number("--lora-rank", args.lora_rank, lo=0)  # 0 = full finetuning
     number("--lora-alpha", args.lora_alpha, above=0)
     number("--lora-dropout", args.lora_dropout, lo=0, below=1)
+    if args.quantize:
+        check_quantize(args)
     if lora.check_targets(args.lora_targets):
         unknown = " ".join(lora.check_targets(args.lora_targets))
         raise UserError(f"--lora-targets: unknown {unknown} (known: {' '.join(lora.TARGETS)})")
+
+
+def check_quantize(args):
+    """--quantize nf4: the combinations that cannot work, refused before any work."""
+    if not args.lora_rank:
+        raise UserError("--quantize nf4 needs --lora-rank R: a 4-bit base is frozen, only LoRA adapters train on it")
+    if not args.init:
+        raise UserError("--quantize nf4 needs --init: it quantizes a pretrained base (a model from scratch "
+                        "would train nothing but adapters on random weights)")
+    if args.dtype == "fp32":
+        raise UserError("--quantize nf4 computes in bf16 (torchao dequantizes NF4 to bf16); drop --dtype fp32")
+    qlora.torchao_nf4()  # torchao itself: imported only here, with --quantize

@@ -30,10 +30,11 @@ import builtin_data
 import checkpoint as ckpt
 import data
 import plots
+import qlora
 import sample
 from checks import RunLock, UserError, run_main
 from data import IGNORE
-from model import Tokenizer, find_tokenizer
+from model import Tokenizer, Transformer, find_tokenizer
 from noise import neftune_noise
 from precision import choose_dtype
 from recipes import BUILTIN_ONLY, SCRATCH_ONLY, parse_args
@@ -263,10 +264,12 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         old = log_path.read_text().splitlines() if log_path.exists() and step else []
         log_path.write_text("".join(line + "\n" for line in old if json.loads(line)["step"] <= step))
     trained = sum(p.numel() for p in params)
+    nf4 = " | {} weights in NF4 (every linear of every block), {} in bf16".format(*qlora.count(model)) \
+        if args.quantize else ""
     log(f"alpha={alpha} noise={kind} | {len(train)} train rows, {len(held_out)} held-out, {epoch_steps} "
         f"steps/epoch, {total_steps} steps | world {world}, {per_rank // args.micro_batch_size} micro-batches of "
         f"{args.micro_batch_size} per rank | {model.num_params() / 1e6:.2f}M params ({trained / 1e6:.3f}M trained), "
-        f"{str(dtype)[6:]} on {device.type}")
+        f"{str(dtype)[6:]} on {device.type}{nf4}")
 
     if len(held_out) < SMALL_EVAL:
         cut = ", and --eval-examples" if len(held_out) == args.eval_examples else ""
@@ -370,6 +373,9 @@ def check_only(args, tok_dir):
     if args.init:
         margs = ckpt.read_init(args.init, tok)[0]
         what = f"{args.init} ({margs.n_layers} layers, dim {margs.dim})"
+        if args.quantize:  # the shapes torchao takes, on one rank (a torchrun launch checks its own world)
+            with torch.device("meta"):
+                qlora.check_shapes(Transformer(margs), 1)
     steps_per_epoch(args, train)
     print(f"train.py: --check: fine: {what}, {len(train)} training rows, {len(held_out)} held out, "
           f"template {args.template}")
