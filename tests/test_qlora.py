@@ -13,6 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 import checkpoint
 import lora
 import qlora
+import recipes
 import train
 from bench import qlora as bench_qlora
 from model import ModelArgs, Transformer, load_meta, save_meta
@@ -76,8 +77,8 @@ def world_of_one(tmp_path):
 
 def test_sharded_model_holds_the_nf4_base_and_exports_it_plus_ba(tmp_path, world_of_one):
     folder, tok, base = meta_folder(tmp_path)
-    args = train.parse_args(["--init", str(folder), "--lora-rank", "2", "--lora-targets", "wq", "w2",
-                             "--quantize", "nf4", "--out", str(tmp_path / "o")])
+    args = recipes.parse_args(["--init", str(folder), "--lora-rank", "2", "--lora-targets", "wq", "w2",
+                               "--quantize", "nf4", "--out", str(tmp_path / "o")])
     model = checkpoint.build_model(args, checkpoint.read_init(folder, tok), tok.n_words, torch.device("cpu"),
                                    world_of_one, torch.bfloat16)
     assert qlora.count(model) == (14, 7)  # NF4: 7 linears x 2 blocks, adapted or not; bf16: embedding, 5 norms, output
