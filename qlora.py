@@ -145,7 +145,7 @@ def fill_nf4(p, rows):
     if not is_nf4(shard):
         return shard.copy_(rows)
     nf4 = torchao_nf4()
-    rows = rows.to(shard.dtype)
+    rows = rows.to(shard.device, shard.dtype)  # quantized where the weight lives: on the GPU with CUDA
     mine = nf4.get_block_absmax(rows.flatten(), BLOCK)
     if isinstance(p, DTensor) and p.device_mesh.size() > 1:  # even shards (check_shapes): equal sizes
         group = p.device_mesh.get_group()
