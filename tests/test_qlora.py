@@ -122,6 +122,8 @@ def test_sharded_model_holds_the_nf4_base_and_exports_it_plus_ba(tmp_path, world
     (["--quantize", "nf4", "--init", "{init}"], "--quantize nf4 needs --lora-rank R"),
     (["--quantize", "nf4", "--lora-rank", "4"], "--quantize nf4 needs --init"),
     (["--quantize", "nf4", "--lora-rank", "4", "--init", "{init}", "--dtype", "fp32"], "drop --dtype fp32"),
+    (["--quantize", "nf4", "--lora-rank", "4", "--init", "{init}", "--dtype", "bf16", "--compile"],
+     "--compile with --quantize nf4 is not supported"),
     (["--quantize", "nf4", "--lora-rank", "4", "--init", "{odd}", "--dtype", "bf16", "--check"],
      "is not a whole number of NF4 blocks"),
     (["--quantize", "nf5", "--lora-rank", "4", "--init", "{init}"], "invalid choice: 'nf5'"),
