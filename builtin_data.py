@@ -9,6 +9,8 @@ import io
 import random
 from pathlib import Path
 
+import sentencepiece as spm
+
 from checks import atomic
 from data import render
 from model import Tokenizer
@@ -78,8 +80,6 @@ def builtin_fact(rng):
 def builtin_tokenizer(path, seed=0, vocab_size=1000, kind="tasks"):
     """Train a small SentencePiece BPE with LLaMA's layout on the built-in text (all three templates)
     and write it to path. One thread and a fixed sentence order make it byte-identical per seed."""
-    import sentencepiece as spm
-
     lines = []
     for messages in builtin_records(seed, kind=kind):
         for template in ("alpaca", "llama2-chat", "vicuna"):  # the SentencePiece templates

@@ -18,6 +18,7 @@ from functools import partial
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 
 import model as llama
 from chat_template import folder_template, record, token_strings
@@ -168,8 +169,6 @@ def config_args(config, path="config.json"):
 
 def open_safetensors(path):
     """The file memory-mapped by safetensors (nothing read but its header), or a one-line error."""
-    from safetensors import safe_open
-
     try:
         return safe_open(path, framework="pt")
     except Exception as e:  # noqa: BLE001 (SafetensorError, OSError: the message says which)

@@ -10,6 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
+from tokenizers import AddedToken, Regex, decoders, models, normalizers, pre_tokenizers, processors
+from tokenizers import Tokenizer as HFTokenizer
+
 from checks import CheckpointError
 from tokenizer import PAT_STR, SPECIAL_TOKENS, copy_tokenizer, read_bpe_ranks
 
@@ -32,9 +35,6 @@ def sentencepiece_merges(sp, normal):
 def sentencepiece_as_hf(tok):
     """A LLaMA-1/2-layout SentencePiece model (identity normalisation, dummy prefix, byte fallback) as a
     tokenizers.Tokenizer that gives the same ids, in the layout of LLaMA-2's own tokenizer.json."""
-    from tokenizers import AddedToken, decoders, models, normalizers
-    from tokenizers import Tokenizer as HFTokenizer
-
     sp = tok.sp
     pieces = [sp.id_to_piece(i) for i in range(sp.vocab_size())]
     control = [i for i in range(len(pieces)) if sp.is_control(i) or sp.is_unknown(i)]
@@ -82,9 +82,6 @@ def tiktoken_as_hf(tok):
     """LLaMA-3's tiktoken BPE as a byte-level tokenizers.Tokenizer that gives the same ids: Meta's regex
     as the pre-tokenizer, the ranks as vocabulary and merges, the 256 control tokens after them.
     Meta's encode also cuts runs of over 25k characters (cut_long_runs); this does not."""
-    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
-    from tokenizers import Tokenizer as HFTokenizer
-
     ranks = read_bpe_ranks(tok.path, tok.path.read_bytes())
     chars = byte_chars()
     def word(token):
@@ -106,8 +103,6 @@ def tiktoken_as_hf(tok):
 
 def add_bos_post_processor(hf, bos, bos_id):
     """BOS before the text (and before each of a pair), as LLaMA's tokenizer.json files do."""
-    from tokenizers import processors
-
     hf.post_processor = processors.TemplateProcessing(single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1",
                                                       special_tokens=[(bos, bos_id)])
 

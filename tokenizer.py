@@ -13,6 +13,10 @@ import shutil
 import sys
 from pathlib import Path
 
+import sentencepiece as spm
+import tiktoken
+from tokenizers import Tokenizer as HFTokenizer
+
 from checks import ArgumentParser, CheckpointError, read_json, run_main
 
 # LLaMA-3's pre-tokenizer (Meta's llama3 tokenizer.py; OpenAI's cl100k pattern): contractions, letters
@@ -66,8 +70,6 @@ def read_bpe_ranks(path, blob):
 
 def read_tokenizer_json(path, blob):
     """A Hugging Face tokenizer.json -> tokenizers.Tokenizer, or a one-line CheckpointError."""
-    from tokenizers import Tokenizer as HFTokenizer
-
     try:
         spec = json.loads(blob.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
@@ -164,8 +166,6 @@ class Tokenizer:
             self._init_sentencepiece()
 
     def _init_sentencepiece(self):
-        import sentencepiece as spm
-
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (OSError, RuntimeError) as e:
@@ -179,8 +179,6 @@ class Tokenizer:
         self.special_ids = {}
 
     def _init_tiktoken(self, ranks):
-        import tiktoken
-
         n_base = len(ranks)  # special ids follow the base vocabulary: 128000.. in Meta's 128k files
         self.special_ids = {name: n_base + i for i, name in enumerate(SPECIAL_TOKENS)}
         self.kind, self.n_base = "tiktoken", n_base

@@ -245,7 +245,7 @@ REAL_SAFE_OPEN = safetensors.safe_open
 def test_each_read_takes_only_its_rows_in_metas_order(tmp_path, monkeypatch):
     m = random_model()  # 4 query heads, 2 KV heads of 16 rows
     folder = hand_folder(tmp_path / "hf", m, shards=2)
-    monkeypatch.setattr(safetensors, "safe_open", CountingSlices)
+    monkeypatch.setattr(hf, "safe_open", CountingSlices)
     CountingSlices.rows.clear()
     _, weights, _ = checkpoint.hf_weights(folder)
     assert CountingSlices.rows == {}  # nothing read but the headers
