@@ -16,6 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from chat_template import record
 from checks import CheckpointError, atomic, config_value, load_weights, read_json
 from tokenizer import Tokenizer, copy_tokenizer, find_tokenizer  # noqa: F401 (`from model import Tokenizer`)
 
@@ -337,8 +338,7 @@ def write_meta(state, args, out_dir, tokenizer_path=None, template=None):
         if tokenizer_path is not None:
             copy_tokenizer(tokenizer_path, tmp)
         if template is not None:
-            import chat_template
-            chat_template.record(tmp, template)
+            record(tmp, template)
     return out_dir
 
 
