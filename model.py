@@ -9,6 +9,7 @@ cache, Attention (GQA), FeedForward (SwiGLU), the Transformer; then Meta's forma
 import json
 import math
 import sys
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Callable, Optional
@@ -116,9 +117,25 @@ class KVCache(nn.Module):
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
 
     def update(self, slots, k, v):
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
+        """slots (T,): the same cache columns for every row; or (B, T): each row's own columns, for
+        continuous batching, where every row is at its own point of its own answer."""
+        if slots.dim() == 1:
+            self.k[:, :, slots] = k
+            self.v[:, :, slots] = v
+        else:  # advanced indices split by a slice put their dims first: (B, T, heads, head_dim)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, slots] = k.transpose(1, 2)
+            self.v[rows, :, slots] = v.transpose(1, 2)
         return self.k, self.v
+
+    def row(self, i):
+        """Row i alone as a batch-1 cache whose buffers are views of this one's: whatever is written
+        into it lands in row i, in place (a new prompt is prefilled into one slot of a running batch)."""
+        view = KVCache.__new__(KVCache)
+        nn.Module.__init__(view)
+        view.register_buffer("k", self.k[i:i + 1], persistent=False)
+        view.register_buffer("v", self.v[i:i + 1], persistent=False)
+        return view
 
 
 class Attention(nn.Module):
@@ -187,12 +204,13 @@ def attention_mask(T, mask=None, segment_ids=None, cache_pos=None, cache_len=Non
         return None
     q = torch.arange(T, device=(mask if mask is not None else segment_ids).device) if cache_pos is None else cache_pos
     k = torch.arange(T if cache_pos is None else cache_len, device=q.device)
-    allowed = (k[None, :] <= q[:, None])[None]  # (1, T, keys)
+    allowed = k <= q[..., None]  # (T, keys), or (B, T, keys) where each row has its own cache_pos
+    allowed = allowed[None] if allowed.dim() == 2 else allowed
     if mask is not None:
         allowed = allowed & mask[:, None, :].bool()
     if segment_ids is not None:
         allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return (allowed | (k[None, :] == q[:, None]))[:, None]
+    return (allowed | (k == q[..., None]))[:, None]
 
 
 class Transformer(nn.Module):
@@ -217,7 +235,7 @@ class Transformer(nn.Module):
         embeddings (train.py draws it; added here, inside forward, so that FSDP gathers the embedding).
         mask (B, keys): True at real tokens, for left-padded batches (generation). positions (B, T):
         RoPE positions (default 0..T-1 or the cache slots); packed rows restart them per document,
-        with segment_ids. cache_pos (T,): the KV-cache slots of these tokens while generating.
+        with segment_ids. cache_pos (T,) or (B, T): the KV-cache slots of these tokens while generating.
         head(h, output) replaces the output layer: train.py computes the loss there, chunk by chunk."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
@@ -249,6 +267,20 @@ class Transformer(nn.Module):
     def clear_cache(self):
         for layer in self.layers:
             layer.attention.cache = None
+
+    @contextmanager
+    def cache_row(self, i):
+        """Inside this block the model is a batch-1 model whose cache is row i of the static cache
+        (KVCache.row): how continuous batching prefills a new prompt into a freed slot, the other
+        rows untouched."""
+        whole = [layer.attention.cache for layer in self.layers]
+        for layer, cache in zip(self.layers, whole):
+            layer.attention.cache = cache.row(i)
+        try:
+            yield self
+        finally:
+            for layer, cache in zip(self.layers, whole):
+                layer.attention.cache = cache
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

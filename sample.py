@@ -5,6 +5,7 @@
 """
 import json
 import sys
+from collections import deque
 from pathlib import Path
 
 import torch
@@ -48,84 +49,123 @@ def next_token(logits, seen, temperature, top_p, repetition_penalty, generator=N
     return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
 
 
+def fill_slots(owner, pending):
+    """Continuous batching's bookkeeping: each free slot (owner[s] is None) takes the next pending
+    prompt, in input order. owner: slot -> prompt index or None; pending: a deque of prompt indices.
+    -> [(slot, prompt index)], the prompts to prefill now."""
+    filled = []
+    for s in range(len(owner)):
+        if owner[s] is None and pending:
+            owner[s] = pending.popleft()
+            filled.append((s, owner[s]))
+    return filled
+
+
+def prefill(model, prompts, slots, n_slots):
+    """Run prompts (lists of ids) into their slots of the static cache at columns 0.., positions 0..
+    -> each one's next-token logits (len(prompts), vocab). When every slot is filled at once (the
+    start), one right-padded forward serves them all: the padding lands in columns that each row's
+    first decode step overwrites or masks. A slot filled later is prefilled alone into a batch-1 view
+    of its row, the other rows untouched. Only the last real token of each prompt goes through the
+    vocab matmul."""
+    device = model.output.weight.device
+    if len(slots) == n_slots:
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        tokens = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        last = (torch.arange(len(prompts), device=device), lens - 1)
+        return model(tokens, cache_pos=torch.arange(tokens.shape[1], device=device),
+                     head=lambda h, output: output(h[last][:, None]))[:, -1]
+    out = []
+    for s, p in zip(slots, prompts):
+        with model.cache_row(s) as alone:
+            out.append(prefill(alone, [p], [0], 1))
+    return torch.cat(out)
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
-             eos_id=None, seed=None, on_token=None, compile=False):
-    """Continue each prompt (a list of token ids; lengths may differ) in one batch -> each prompt's new
-    tokens, cut before the first stop token: eos_id is one id or a collection of ids (LLaMA-3 ends an
-    answer at <|eot_id|>, <|eom_id|> or <|end_of_text|>: Tokenizer.stop_ids). max_new_tokens: an int,
-    or one budget per prompt. Greedy when temperature is 0, else temperature + top-p sampling from a
-    generator seeded by `seed` (the draws depend on the batch's composition; greedy results never do).
-    on_token(row, token_id) is called for every new token as it is chosen (streaming).
+             eos_id=None, seed=None, on_token=None, compile=False, batch_size=None, on_answer=None):
+    """Continue each prompt (a list of token ids; lengths may differ) -> each prompt's new tokens, in
+    the prompts' order, cut before the first stop token: eos_id is one id or a collection of ids
+    (LLaMA-3 ends an answer at <|eot_id|>, <|eom_id|> or <|end_of_text|>: Tokenizer.stop_ids).
+    max_new_tokens: an int, or one budget per prompt. Greedy when temperature is 0, else temperature
+    + top-p sampling from a generator seeded by `seed` (the draws depend on the batch's composition;
+    greedy results never do). on_token(i, token_id) is called for every new token of prompt i as it is
+    chosen (streaming); on_answer(i, tokens) once prompt i's answer is complete (resumable output).
 
-    Prompts are left-padded so every row's next token sits in the same column: the padded prompt block
-    is prefilled once into the static KV cache, then each step feeds one token per row at cache slot t
-    (fast_decode.decode_step). `mask` hides the padding and `positions` start each row's RoPE at its
-    first real token, so a row gives exactly the tokens it gives alone. compile=True runs the step
-    through torch.compile (the same tokens; the first call of each batch shape pays the compile)."""
+    Continuous batching on a static KV cache of batch_size rows, the slots (default: every prompt at
+    once). A prompt is prefilled alone into a free slot, at columns 0.. of that row and its own RoPE
+    positions; then every step feeds one token per slot at that slot's next column
+    (fast_decode.decode_step). A slot whose answer ends (a stop token or its budget) takes the next
+    prompt at once, so no row computes for an answer that is done, and a prompt gives exactly the
+    tokens it gives alone. compile=True runs the step through torch.compile (the same tokens): slots
+    and cache lengths come in buckets, so the first call of each shape pays the compile."""
     if not prompts:
         return []
-    B = len(prompts)
     per_prompt = isinstance(max_new_tokens, (list, tuple))
-    budgets = [int(n) for n in max_new_tokens] if per_prompt else [int(max_new_tokens)] * B
-    if len(budgets) != B:
-        raise ValueError(f"{len(budgets)} max_new_tokens for {B} prompts")
+    budgets = [int(n) for n in max_new_tokens] if per_prompt else [int(max_new_tokens)] * len(prompts)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} max_new_tokens for {len(prompts)} prompts")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: pass at least the BOS token")
-    if max(budgets) <= 0:
-        return [[] for _ in prompts]
-    if compile:  # few batch shapes, few compiles: rows of budget 0 fill the batch up to its bucket
-        extra = fast_decode.batch_bucket(B) - B
-        prompts, budgets = list(prompts) + [prompts[0][-1:]] * extra, budgets + [0] * extra
-    lens = [len(p) for p in prompts]
-    P, N = max(lens), max(budgets)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    answers = [[] for _ in prompts]
+    pending = deque(i for i, n in enumerate(budgets) if n > 0)
+    for i in (i for i, n in enumerate(budgets) if n <= 0):
+        if on_answer is not None:
+            on_answer(i, [])
+    if not pending:
+        return answers
+    B = min(batch_size or len(pending), len(pending))
+    B = fast_decode.batch_bucket(B) if compile else B  # few shapes, few compiles: spare slots stay empty
+    # a slot's last chosen token is never fed back: an answer of n tokens fills prompt + n - 1 columns
+    L = fast_decode.cache_length(max(len(prompts[i]) + budgets[i] - 1 for i in pending), compile)
     was_training = model.training
     model.eval()
     device = model.output.weight.device
-    tokens = torch.zeros(len(prompts), P, dtype=torch.long)  # pad id is irrelevant: masked, never counted as seen
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-    tokens = tokens.to(device)
-    pad = torch.tensor([P - n for n in lens], device=device)
-    cols = torch.arange(P, device=device)
-    L = fast_decode.cache_length(P + N - 1, compile)  # the last chosen token is never fed back
-    mask = torch.ones(len(prompts), L, dtype=torch.bool, device=device)  # generated slots are real tokens
-    mask[:, :P] = cols >= pad[:, None]
-    positions = (cols - pad[:, None]).clamp(min=0)  # padding's positions are masked anyway
-    # Which tokens each row has seen, for the penalty: counted with scatter_add so padding adds 0
-    # (a plain boolean scatter with repeated ids would be order-dependent).
-    seen = torch.zeros(len(prompts), model.args.vocab_size, dtype=torch.long, device=device)
-    seen = seen.scatter_add_(1, tokens, mask[:, :P].long()) > 0
-    budget = torch.tensor(budgets, device=device)
-    n_out = torch.zeros(len(prompts), dtype=torch.long, device=device)
-    done = budget <= 0
-    out = torch.zeros(len(prompts), N, dtype=torch.long, device=device)
-    rows = torch.arange(len(prompts), device=device)
+    owner, col = [None] * B, [0] * B  # per slot: its prompt's index, the cache column of its next token
+    seen = torch.zeros(B, model.args.vocab_size, dtype=torch.bool, device=device)  # for the penalty
+    logits = torch.zeros(B, model.args.vocab_size, device=device)
+    rows = torch.arange(B, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    stop_ids = [] if eos_id is None else [int(i) for i in eos_id] if hasattr(eos_id, "__iter__") else [int(eos_id)]
-    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    step_fn = fast_decode.step_function(model, len(prompts), L, compile)
+    stop = set() if eos_id is None else {int(i) for i in eos_id} if hasattr(eos_id, "__iter__") else {int(eos_id)}
+    step_fn = fast_decode.step_function(model, B, L, compile)
     try:
-        logits = model(tokens, cache_pos=cols, mask=mask, positions=positions)[:, -1]  # prefill
-        for step in range(N):
+        while True:
+            filled = fill_slots(owner, pending)
+            if filled:
+                slots = [s for s, _ in filled]
+                logits[slots] = prefill(model, [prompts[i] for _, i in filled], slots, B).float()
+                for s, i in filled:
+                    seen[s] = False
+                    seen[s, torch.tensor(prompts[i], device=device)] = True
+                    col[s] = len(prompts[i])
             tok = next_token(logits, seen, temperature, top_p, repetition_penalty, generator)
-            out[:, step] = tok
-            is_eos = torch.isin(tok, stop)
-            kept = ~done & ~is_eos  # a row's tokens are a prefix of out[i]: n_out counts it
-            n_out += kept
-            done |= is_eos | (n_out >= budget)
             seen[rows, tok] = True
-            if on_token is not None:
-                for i in kept[:B].nonzero()[:, 0].tolist():
-                    on_token(i, int(tok[i]))
-            if step == N - 1 or bool(done.all()):  # one sync per step: cheap next to a forward pass
+            for s, t in enumerate(tok.tolist()):  # one sync per step: cheap next to a forward pass
+                i = owner[s]
+                if i is None:
+                    continue
+                if t not in stop:
+                    answers[i].append(t)
+                    if on_token is not None:
+                        on_token(i, t)
+                if t in stop or len(answers[i]) == budgets[i]:
+                    owner[s], col[s] = None, 0  # an empty slot writes column 0 of its row: never read
+                    if on_answer is not None:
+                        on_answer(i, answers[i])
+            if not pending and all(o is None for o in owner):
                 break
-            logits = step_fn(model, tok, torch.tensor(P + step, device=device), pad, mask)
+            logits.copy_(step_fn(model, tok, rows.new_tensor(col)))
+            col = [c + (o is not None) for c, o in zip(col, owner)]
     finally:
         if not compile:  # a compiled step keeps its cache, built for those buffers; eager frees it
             model.clear_cache()
         model.train(was_training)
-    return [row[:n].tolist() for row, n in zip(out.cpu(), n_out.tolist())][:B]
+    return answers
 
 
 def is_exact(answer, reference):
