@@ -3,7 +3,10 @@
     python sample.py --ckpt out/final --prompts ../shared/data/alpaca_eval_instructions.json --out outputs.json
     python sample.py --ckpt out/final --prompt "Give three tips for staying healthy."   # streams one answer
 """
+import argparse
+import hashlib
 import json
+import os
 import sys
 from collections import deque
 from pathlib import Path
@@ -16,6 +19,7 @@ import fast_decode
 import hf
 import model as llama
 from checks import ArgumentParser, DataError, UserError, atomic, number, run_main, writable_file
+from precision import choose_dtype
 
 # The paper's generation settings (the authors' eval_generate.py calls HF generate with do_sample=False,
 # repetition_penalty=1.2, max_length=1024): greedy, penalty 1.2, 1024 tokens counting the prompt.
@@ -274,9 +278,71 @@ def write_json_atomic(path, obj):
         tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def load_tokenizer(ckpt):
+    return llama.Tokenizer(llama.find_tokenizer(ckpt, required=True))
+
+
 def load(ckpt, dtype, device):
     """A Meta folder (params.json) or a Hugging Face one (config.json) -> (model, tokenizer)."""
-    return hf.load_any(ckpt, dtype=dtype, device=device), llama.Tokenizer(llama.find_tokenizer(ckpt, required=True))
+    return hf.load_any(ckpt, dtype=dtype, device=device), load_tokenizer(ckpt)
+
+
+class Partial:
+    """The answers of an unfinished --prompts run, one JSON line each as they finish, beside --out
+    (OUT.partial.jsonl): the same command run again after Ctrl-C or kill -9 answers only the prompts
+    still missing, and the final --out equals an uninterrupted run's. The first line records the dtype
+    and a key over everything the answers depend on (checkpoint, token ids, budgets, settings): other
+    prompts or settings are refused, not mixed in."""
+
+    def __init__(self, out):
+        self.path = Path(f"{out}.partial.jsonl")
+        self.header, self.done = None, {}
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        complete = raw[:raw.rfind(b"\n") + 1]  # a kill -9 may leave half a line at the end: dropped
+        try:
+            lines = [json.loads(x) for x in complete.decode("utf-8").splitlines()]
+            self.done = {int(x["index"]): str(x["output"]) for x in lines[1:]}
+        except (ValueError, KeyError, TypeError):
+            lines = None
+        if lines is None or lines and not (isinstance(lines[0], dict) and {"dtype", "key"} <= lines[0].keys()):
+            raise UserError(f"{self.path}: not the answers of an unfinished sample.py run; delete it")
+        self.header = lines[0] if lines else None  # killed before its first line: start afresh
+        with open(self.path, "r+b") as f:
+            f.truncate(len(complete))
+
+    def start(self, dtype, key):
+        if self.header is not None and self.header["key"] != key:
+            raise UserError(f"{self.path}: holds answers of another command (other prompts, checkpoint or "
+                            f"settings); run that command to finish it, or delete the file to start afresh")
+        self.header = {"dtype": dtype, "key": key}
+
+    def add(self, answer):
+        """Append one answer ({"index", "output"}), after the header when the file is new; on disk at once."""
+        lines = [answer] if self.path.exists() and self.path.stat().st_size else [self.header, answer]
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def answers_key(ckpt, ids, budgets, settings, dtype):
+    what = {"ckpt": str(Path(ckpt).resolve()), "ids": ids, "budgets": budgets, "dtype": dtype,
+            **{k: v for k, v in settings.items() if k != "compile"}}  # a compiled step gives the same tokens
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def pick_dtype(a, partial):
+    """precision.choose_dtype, as train.py uses it (--dtype; bf16 on CUDA; on a CPU bf16 only where a
+    matmul timing finds it clearly faster); an unfinished run continues in the dtype it started with."""
+    if partial is not None and partial.header is not None:
+        kept = partial.header["dtype"]
+        if a.dtype and a.dtype != kept:
+            raise UserError(f"--dtype {a.dtype}: {partial.path} was started in {kept}; drop --dtype, pass "
+                            f"--dtype {kept}, or delete that file to start afresh")
+        return kept, f"kept from the unfinished run in {partial.path}"
+    return choose_dtype(argparse.Namespace(resume=False, dtype=a.dtype), torch.device(a.device), None)
 
 
 def check_args(a):
@@ -320,19 +386,21 @@ def run(argv):
     add("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="CTRL's penalty (default: 1.2, the "
         "paper's)")
     add("--meta-prompt", help='append "\\n" + this to every instruction, e.g. "Generate a long response"')
-    add("--batch-size", type=int, default=16, help="prompts generated together (default: 16)")
+    add("--batch-size", type=int, default=16, help="slots: answers generated together; a slot whose answer ends "
+        "takes the next prompt at once (default: 16)")
     add("--limit", type=int, help="answer only the first N prompts")
     add("--seed", type=int, default=0, help="the sampling generator's seed (default: 0)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present, else cpu")
-    add("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
+    add("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA; on a CPU bf16 where a matmul timing "
+        "finds it clearly faster, else fp32")
     add("--compile", action="store_true", help="torch.compile the one-token decode step (same tokens; pays off for "
         "long answers, CUDA graphs on GPU; on a CPU kept only where it times faster)")
     a = p.parse_args(argv)
     check_args(a)
     records = read_prompts(a.prompts)[:a.limit] if a.prompts is not None else None
-    dtype = {"bf16": torch.bfloat16,
-             "fp32": torch.float32}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
-    model, tok = load(a.ckpt, dtype, a.device)
+    partial = Partial(a.out) if records is not None else None
+    dtype_name, why = pick_dtype(a, partial)
+    tok = load_tokenizer(a.ckpt)
     ids = []
     for i, r in enumerate(records or [{"instruction": a.prompt}]):
         try:
@@ -346,6 +414,10 @@ def run(argv):
               file=sys.stderr)
     settings = dict(temperature=a.temperature, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
                     eos_id=tok.stop_ids, seed=a.seed, compile=a.compile)
+    if partial is not None:  # before the model is loaded: another command's answers cost one line
+        partial.start(dtype_name, answers_key(a.ckpt, ids, budgets, settings, dtype_name))
+    print(f"dtype: {dtype_name} ({why})", file=sys.stderr)
+    model = load(a.ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name], a.device)[0]
 
     if records is None:
         stream = TextStream(tok)
@@ -353,13 +425,20 @@ def run(argv):
         stream.end()
         return 0
 
-    # Longest prompts first: similar lengths share a batch (little padding), and memory trouble shows at once.
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    answers = [None] * len(ids)
-    for b in tqdm(range(0, len(order), a.batch_size), desc="generating", unit="batch"):
-        rows = order[b:b + a.batch_size]
-        for i, new in zip(rows, generate(model, [ids[i] for i in rows], [budgets[i] for i in rows], **settings)):
-            answers[i] = tok.decode(new)
+    answers = [partial.done.get(i) for i in range(len(ids))]
+    # Longest prompts first: memory trouble shows at once. The answers go back in the prompts' order.
+    todo = sorted((i for i, x in enumerate(answers) if x is None), key=lambda i: -len(ids[i]))
+    if len(todo) < len(ids):
+        print(f"continuing {partial.path}: {len(ids) - len(todo)} of {len(ids)} answers were done", file=sys.stderr)
+    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="generating", unit="answer")
+
+    def finished(j, new):  # written as it comes: a killed run loses only the answers under way
+        answers[todo[j]] = tok.decode(new)
+        partial.add({"index": todo[j], "output": answers[todo[j]]})
+        bar.update()
+    generate(model, [ids[i] for i in todo], [budgets[i] for i in todo], **settings, batch_size=a.batch_size,
+             on_answer=finished)
+    bar.close()
     name = a.generator or generator_name(a.ckpt)
     outputs = []
     for r, answer in zip(records, answers):
@@ -373,6 +452,7 @@ def run(argv):
         write_json_atomic(a.out, outputs)
     except OSError as e:
         raise UserError(f"{a.out}: {e.strerror or e}") from None
+    partial.path.unlink()
     print(f"wrote {len(outputs)} answers to {a.out}", file=sys.stderr)
 
 
