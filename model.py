@@ -157,6 +157,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache_pos is not None:  # generating: this step's keys and values join the cache
             k, v = self.cache.update(cache_pos, k, v)
+            n = attn_mask.shape[-1]  # the columns in use (Transformer.forward's cache_len): skip the rest
+            k, v = k[:, :, :n], v[:, :, :n]
         # GQA: query head h reads KV head h // (n_heads / n_kv_heads), inside SDPA: no repeated K/V copies
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
@@ -230,12 +232,15 @@ class Transformer(nn.Module):
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=None, head=None):
+    def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=None, head=None,
+                cache_len=None):
         """tokens (B, T) -> logits (B, T, vocab). noise (B, T, dim): NEFTune's, added to the token
         embeddings (train.py draws it; added here, inside forward, so that FSDP gathers the embedding).
         mask (B, keys): True at real tokens, for left-padded batches (generation). positions (B, T):
         RoPE positions (default 0..T-1 or the cache slots); packed rows restart them per document,
-        with segment_ids. cache_pos (T,) or (B, T): the KV-cache slots of these tokens while generating.
+        with segment_ids. cache_pos (T,) or (B, T): the KV-cache slots of these tokens while generating;
+        cache_len: attend to the cache's first cache_len columns only (default: all of them; eager
+        decoding passes the columns in use, a compiled step keeps the full, fixed shape).
         head(h, output) replaces the output layer: train.py computes the loss there, chunk by chunk."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
@@ -245,7 +250,8 @@ class Transformer(nn.Module):
             positions = (torch.arange(T, device=h.device) if cache_pos is None else cache_pos).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.args)
         cache = self.layers[0].attention.cache
-        attn_mask = attention_mask(T, mask, segment_ids, cache_pos, None if cache is None else cache.k.shape[2])
+        keys = None if cache is None else cache_len or cache.k.shape[2]
+        attn_mask = attention_mask(T, mask, segment_ids, cache_pos, keys)
         for layer in self.layers:
             h = layer(h, cos, sin, attn_mask, cache_pos)
         return self.output(self.norm(h)) if head is None else head(self.norm(h), self.output)

@@ -79,7 +79,7 @@ def prefill(model, prompts, slots, n_slots):
         for i, p in enumerate(prompts):
             tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
         last = (torch.arange(len(prompts), device=device), lens - 1)
-        return model(tokens, cache_pos=torch.arange(tokens.shape[1], device=device),
+        return model(tokens, cache_pos=torch.arange(tokens.shape[1], device=device), cache_len=tokens.shape[1],
                      head=lambda h, output: output(h[last][:, None]))[:, -1]
     out = []
     for s, p in zip(slots, prompts):
@@ -163,7 +163,8 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
                         on_answer(i, answers[i])
             if not pending and all(o is None for o in owner):
                 break
-            logits.copy_(step_fn(model, tok, rows.new_tensor(col)))
+            in_use = None if compile else max(col) + 1  # eager: attend to the columns in use only
+            logits.copy_(step_fn(model, tok, rows.new_tensor(col), in_use))
             col = [c + (o is not None) for c, o in zip(col, owner)]
     finally:
         if not compile:  # a compiled step keeps its cache, built for those buffers; eager frees it
@@ -386,8 +387,8 @@ def run(argv):
     add("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="CTRL's penalty (default: 1.2, the "
         "paper's)")
     add("--meta-prompt", help='append "\\n" + this to every instruction, e.g. "Generate a long response"')
-    add("--batch-size", type=int, default=16, help="slots: answers generated together; a slot whose answer ends "
-        "takes the next prompt at once (default: 16)")
+    add("--batch-size", type=int, default=32, help="slots: answers generated together; a slot whose answer ends "
+        "takes the next prompt at once (default: 32)")
     add("--limit", type=int, help="answer only the first N prompts")
     add("--seed", type=int, default=0, help="the sampling generator's seed (default: 0)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present, else cpu")
