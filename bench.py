@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+import bench_generate
 import bench_memory
 import lora
 from bench_decode import DTYPES, bench_decode, bench_decode1, sync, timed
@@ -188,6 +189,8 @@ PARTS = {
                                             a.lora_seq_len),
     "init_memory": lambda a, d: bench_memory.init_memory(size_cfg(bench_memory.INIT_CFG, a, preset=False)),
     "grad_sync": lambda a, d: bench_memory.grad_sync(size_cfg(bench_memory.GRAD_SYNC_CFG, a, preset=False)),
+    "slots": lambda a, d: bench_generate.bench_slots(size_cfg(DECODE_CFG, a), d, a.decode_dtype, a.slots_prompts,
+                                                     a.slots_batch, a.new_tokens, a.compile),
     "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a), d, a.decode1_dtypes, a.new_tokens,
                                           a.prompt_len, a.decode1_rounds, a.copy_mb, a.profile),
 }
@@ -225,6 +228,8 @@ def main(argv=None):
     p.add_argument("--new-tokens", type=int, default=256)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--decode-batches", type=int, nargs="+", default=[1, 16])
+    p.add_argument("--slots-prompts", type=int, default=64, help="slots: prompts of uneven budgets up to --new-tokens")
+    p.add_argument("--slots-batch", type=int, default=16, help="slots: the number of slots = the static batch size")
     p.add_argument("--decode1-dtypes", nargs="+", choices=list(DTYPES), default=["fp32", "bf16"],
                    help="weight dtypes of the batch-1 eager-vs-compiled decode part")
     p.add_argument("--decode1-rounds", type=int, default=5, help="alternating rounds of the decode1 part (best of)")

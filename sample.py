@@ -1,4 +1,5 @@
-"""Answer instructions with a finetuned LLaMA, batched with a static KV cache; writes the JSON that AlpacaEval reads.
+"""Answer instructions with a finetuned LLaMA in slots of a static KV cache (continuous batching); writes the JSON
+that AlpacaEval reads, resumably: the same command after Ctrl-C or kill -9 continues.
 
     python sample.py --ckpt out/final --prompts ../shared/data/alpaca_eval_instructions.json --out outputs.json
     python sample.py --ckpt out/final --prompt "Give three tips for staying healthy."   # streams one answer

@@ -180,3 +180,18 @@ def test_kill_9_then_the_same_command_gives_the_uninterrupted_file(cli, tmp_path
     assert q.returncode == 0, q.stderr
     assert f"{done} of 12 answers were done" in q.stderr
     assert out.read_text() == ref.read_text() and not partial.exists()
+
+
+def test_bench_slots_part_counts_the_same_answers_both_ways():
+    import bench_generate
+    cfg = dict(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16)
+    r = bench_generate.bench_slots(cfg, torch.device("cpu"), "fp32", 9, 4, 6, False)
+    assert r["answer_tokens"] > 9 and r["slots_tokens_per_s"] > 0 and r["static_tokens_per_s"] > 0
+    model = tiny_model()
+    prompts, budgets = uneven_prompts(n=9, seed=6)
+
+    class Tok:
+        stop_ids = [5]
+    static = bench_generate.ours(model, Tok, prompts, budgets, 4, static=True)
+    slots = bench_generate.ours(model, Tok, prompts, budgets, 4)
+    assert static == slots == generate(model, prompts, budgets, eos_id=5, repetition_penalty=1.2)  # as sample.py
