@@ -14,6 +14,7 @@ import socket
 import sys
 import time
 from contextlib import contextmanager
+from dataclasses import fields
 from pathlib import Path
 
 import torch
@@ -147,6 +148,19 @@ def load_weights(path):
         pickled = "weights_only" in str(e).lower() or "Unsupported" in str(e)
         why = "refusing a pickle that is not plain weights" if pickled else str(e).splitlines()[0]
         raise CheckpointError(f"{path}: not a weights-only PyTorch checkpoint ({why})") from None
+
+
+def config_dataclass(cls, d, source, ignored=()):
+    """A config dict (params.json) -> the dataclass cls whose fields it sets, each value checked against its
+    field's type. Another key could change the math (vision_*, moe_args, lora_args, ...): refused, since
+    silently wrong logits are the one outcome not allowed. Ignored: the keys `ignored` and keys set to null."""
+    known = {f.name for f in fields(cls)}
+    for k in sorted(set(d) - known - set(ignored)):
+        if d[k] is not None:
+            raise CheckpointError(f"{source}: key {k!r} changes the model and is not implemented here")
+    for f in fields(cls):
+        config_value(d, f.name, source, getattr(f.type, "__args__", (f.type,))[0])  # Optional[int] -> int
+    return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
 
 def remove(path):

@@ -1,5 +1,5 @@
 """The one-token decode step of sample.generate, and its compiled form (gpt-fast's recipe): the static
-KV cache is written in place at a slot given as a tensor, so one graph per batch shape serves every
+KV cache is written in place at columns given as a tensor, so one graph per batch shape serves every
 token; on CUDA it replays as a CUDA graph. `python -m bench --only decode1` measures it against eager.
 
     python sample.py --ckpt out/final --prompt "What is 17 + 25?" --compile     # generate(compile=True)
@@ -15,15 +15,18 @@ _shapes = set()  # the (batch, cache length, dtype) shapes compiled since the la
 _choice = {}  # CPU: (batch, cache length, dtype) -> the step that was faster there
 
 
-def decode_step(model, tok, t, pad, mask):
-    """generate()'s step for every new token: tok (B,) goes to cache slot t (a 0-d tensor, so that a
-    compiled graph is not specialised to one t) at RoPE position t - pad (pad: (B,) left padding per
-    row); mask (B, cache length) is True at real tokens, and the model hides the slots after t."""
-    return model(tok[:, None], cache_pos=t.view(1), mask=mask, positions=(t - pad)[:, None])[:, -1]
+def decode_step(model, tok, pos, cache_len=None):
+    """generate()'s step for every new token: row b's token tok[b] goes to column pos[b] of its row of
+    the cache, which is also its RoPE position (every prompt starts at column 0 of its slot); the model
+    hides the columns after pos[b], so what a slot's previous answer left there is never seen. pos is
+    a tensor, so that a compiled graph is not specialised to the positions. cache_len (eager only):
+    attend to the first cache_len columns, the ones in use (on a CPU, attention over all of a
+    1024-column cache took half of a decode step)."""
+    return model(tok[:, None], cache_pos=pos[:, None], cache_len=cache_len)[:, -1]
 
 
 def batch_bucket(batch_size):
-    """Compiled decoding runs batches of a power of two: 1..256 rows in 9 shapes."""
+    """Compiled decoding runs batches (slots) of a power of two: 1..256 rows in 9 shapes."""
     return 1 << (batch_size - 1).bit_length()
 
 

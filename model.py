@@ -8,7 +8,7 @@ load_meta, save_meta. (Reading a rank's own rows of a checkpoint is checkpoint.p
 """
 import json
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from checks import CheckpointError, atomic, config_value, load_weights, read_json
+from checks import CheckpointError, atomic, config_dataclass, load_weights, read_json
 from tokenizer import Tokenizer, copy_tokenizer, find_tokenizer  # noqa: F401 (`from model import Tokenizer`)
 
 
@@ -39,18 +39,6 @@ class ModelArgs:  # the fields of Meta's params.json, one to one, then the few t
     rope_original_context: int = 8192
     head_dim: Optional[int] = None  # None = dim // n_heads, as in every Meta model
     hidden_dim: Optional[int] = None  # the SwiGLU width when an HF config states one multiple_of cannot give
-
-    @classmethod
-    def from_dict(cls, d, source="params.json"):
-        """Another key could change the math (vision_*, moe_args, lora_args, ...): refused, since silently
-        wrong logits are the one outcome not allowed. Ignored: max_batch_size and keys set to null."""
-        known = {f.name for f in fields(cls)}
-        for k in sorted(set(d) - known - {"max_batch_size"}):  # max_batch_size: Meta's generation setting
-            if d[k] is not None:
-                raise CheckpointError(f"{source}: key {k!r} changes the model and is not implemented here")
-        for f in fields(cls):
-            config_value(d, f.name, source, getattr(f.type, "__args__", (f.type,))[0])  # Optional[int] -> int
-        return cls(**{k: v for k, v in d.items() if k in known and v is not None})
 
 
 class RMSNorm(nn.Module):
@@ -94,18 +82,21 @@ def apply_rope(x, cos, sin):
 
 
 class KVCache(nn.Module):
-    """The static cache of generation (gpt-fast's): allocated at full length, written in place at the slots given
-    as a tensor, so every decode step has the same shapes and one compiled graph serves them all."""
+    """The static cache of generation (gpt-fast's): k, v (B, heads, slots, head_dim) at full length, written in place
+    at slots given as a tensor: every decode step has the same shapes, one compiled graph serves them all."""
 
-    def __init__(self, batch_size, n_kv_heads, max_len, head_dim, dtype, device):
+    def __init__(self, k, v):
         super().__init__()
-        shape = (batch_size, n_kv_heads, max_len, head_dim)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", k, persistent=False)
+        self.register_buffer("v", v, persistent=False)
 
     def update(self, slots, k, v):
-        self.k[:, :, slots] = k
-        self.v[:, :, slots] = v
+        """slots (T,): the same slots in every row; (B, T): each row's own (continuous batching)."""
+        if slots.dim() == 1:
+            self.k[:, :, slots], self.v[:, :, slots] = k, v
+        else:  # two advanced indices split by a slice put their dims first: (B, T, heads, head_dim)
+            rows = torch.arange(k.shape[0], device=k.device)[:, None]
+            self.k[rows, :, slots], self.v[rows, :, slots] = k.transpose(1, 2), v.transpose(1, 2)
         return self.k, self.v
 
 
@@ -128,6 +119,8 @@ class Attention(nn.Module):
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
         if cache_pos is not None:  # generating: this step's keys and values join the cache
             k, v = self.cache.update(cache_pos, k, v)
+            n = attn_mask.shape[-1]  # the columns in use (Transformer.forward's cache_len): skip the rest
+            k, v = k[:, :, :n], v[:, :, :n]
         # GQA: query head h reads KV head h // (n_heads / n_kv_heads), inside SDPA: no repeated K/V copies
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
                                            enable_gqa=self.n_kv_heads != self.n_heads)
@@ -175,12 +168,13 @@ def attention_mask(T, mask=None, segment_ids=None, cache_pos=None, cache_len=Non
         return None
     q = torch.arange(T, device=(mask if mask is not None else segment_ids).device) if cache_pos is None else cache_pos
     k = torch.arange(T if cache_pos is None else cache_len, device=q.device)
-    allowed = (k[None, :] <= q[:, None])[None]  # (1, T, keys)
+    allowed = k <= q[..., None]  # (T, keys), or (B, T, keys) where each row has its own cache_pos
+    allowed = allowed[None] if allowed.dim() == 2 else allowed
     if mask is not None:
         allowed = allowed & mask[:, None, :].bool()
     if segment_ids is not None:
         allowed = allowed & (segment_ids[:, :, None] == segment_ids[:, None, :])
-    return (allowed | (k[None, :] == q[:, None]))[:, None]
+    return (allowed | (k == q[..., None]))[:, None]
 
 
 class Transformer(nn.Module):
@@ -197,12 +191,14 @@ class Transformer(nn.Module):
             if isinstance(m, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(m.weight, mean=0.0, std=0.02)
 
-    def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=None, head=None):
+    def forward(self, tokens, *, noise=None, mask=None, positions=None, segment_ids=None, cache_pos=None, head=None,
+                cache_len=None):
         """tokens (B, T) -> logits (B, T, vocab). noise (B, T, dim): NEFTune's, drawn by train.py and added to
         the token embeddings here, inside forward, where FSDP has gathered the embedding. mask (B, keys): real
         tokens of left-padded batches. positions (B, T): RoPE's (default 0..T-1 or the cache slots), restarted
-        per document of a packed row (segment_ids). cache_pos (T,): these tokens' KV-cache slots while
-        generating. head(h, output) replaces the output layer: train.py's chunked loss."""
+        per document of a packed row (segment_ids). cache_pos (T,) or (B, T): these tokens' KV-cache slots
+        while generating; cache_len: attend to the first cache_len slots only (eager decoding; a compiled
+        step keeps the full, fixed shape). head(h, output) replaces the output layer: train.py's chunked loss."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
             h = h + noise.to(h.dtype)
@@ -211,7 +207,8 @@ class Transformer(nn.Module):
             positions = (torch.arange(T, device=h.device) if cache_pos is None else cache_pos).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.args)
         cache = self.layers[0].attention.cache
-        attn_mask = attention_mask(T, mask, segment_ids, cache_pos, None if cache is None else cache.k.shape[2])
+        keys = None if cache is None else cache_len or cache.k.shape[2]
+        attn_mask = attention_mask(T, mask, segment_ids, cache_pos, keys)
         for layer in self.layers:
             h = layer(h, cos, sin, attn_mask, cache_pos)
         return self.output(self.norm(h)) if head is None else head(self.norm(h), self.output)
@@ -228,7 +225,8 @@ class Transformer(nn.Module):
             return
         self.clear_cache()  # free the old shape's cache before the new one is allocated
         for layer in self.layers:
-            layer.attention.cache = KVCache(*shape[:2], max_len, a.head_dim, p.dtype, p.device)
+            zeros = dict(dtype=p.dtype, device=p.device)
+            layer.attention.cache = KVCache(torch.zeros(shape, **zeros), torch.zeros(shape, **zeros))
 
     def clear_cache(self):
         for layer in self.layers:
@@ -256,7 +254,8 @@ def meta_parts(ckpt_dir):
     params_path = ckpt_dir / "params.json"
     if not params_path.is_file():
         raise CheckpointError(f"{ckpt_dir}: no params.json (expected Meta's layout: params.json + consolidated.NN.pth)")
-    args = ModelArgs.from_dict(read_json(params_path, CheckpointError, expect=dict), source=str(params_path))
+    params = read_json(params_path, CheckpointError, expect=dict)
+    args = config_dataclass(ModelArgs, params, params_path, ignored=("max_batch_size",))  # Meta's generation setting
     paths = sorted(ckpt_dir.glob("consolidated.*.pth"))
     if not paths:
         raise CheckpointError(f"{ckpt_dir}: no consolidated.NN.pth weight files")
@@ -329,8 +328,7 @@ def meta_params(args):
 
 
 def write_meta(state, args, out_dir, tokenizer_path=None, extra=None):
-    """params.json + consolidated.00.pth (one shard) [+ the tokenizer] [+ what extra(folder) writes: the
-    chat template trained with], written whole or not at all."""
+    """params.json + consolidated.00.pth [+ the tokenizer] [+ what extra(folder) writes], whole or not at all."""
     with atomic(out_dir, folder=True, marker="params.json") as tmp:
         (tmp / "params.json").write_text(json.dumps(meta_params(args), indent=2) + "\n")
         torch.save(state, tmp / "consolidated.00.pth")

@@ -1,10 +1,16 @@
-"""Answer instructions with a finetuned LLaMA, batched with a static KV cache; writes the JSON that AlpacaEval reads.
+"""Answer instructions with a finetuned LLaMA in slots of a static KV cache (continuous batching); writes the JSON
+that AlpacaEval reads, resumably: the same command after Ctrl-C or kill -9 continues.
 
     python sample.py --ckpt out/final --prompts ../shared/data/alpaca_eval_instructions.json --out outputs.json
     python sample.py --ckpt out/final --prompt "Give three tips for staying healthy."   # streams one answer
 """
+import argparse
+import hashlib
 import json
+import os
 import sys
+from collections import deque
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -15,6 +21,7 @@ import fast_decode
 import hf
 import model as llama
 from checks import ArgumentParser, DataError, UserError, atomic, number, read_json, run_main, writable_file
+from precision import choose_dtype
 
 # The paper's generation settings (the authors' eval_generate.py calls HF generate with do_sample=False,
 # repetition_penalty=1.2, max_length=1024): greedy, penalty 1.2, 1024 tokens counting the prompt.
@@ -48,84 +55,138 @@ def next_token(logits, seen, temperature, top_p, repetition_penalty, generator=N
     return sample_top_p(torch.softmax(logits / temperature, dim=-1), top_p, generator)
 
 
+def fill_slots(owner, pending):
+    """Continuous batching's bookkeeping: each free slot (owner[s] is None) takes the next pending
+    prompt, in input order. owner: slot -> prompt index or None; pending: a deque of prompt indices.
+    -> [(slot, prompt index)], the prompts to prefill now."""
+    filled = []
+    for s in range(len(owner)):
+        if owner[s] is None and pending:
+            owner[s] = pending.popleft()
+            filled.append((s, owner[s]))
+    return filled
+
+
+@contextmanager
+def cache_row(model, i):
+    """Inside this block `model` is a batch-1 model whose cache is row i of the static cache: how
+    continuous batching prefills a new prompt into a freed slot, the other rows untouched."""
+    whole = [layer.attention.cache for layer in model.layers]
+    for layer, cache in zip(model.layers, whole):
+        layer.attention.cache = llama.KVCache(cache.k[i:i + 1], cache.v[i:i + 1])
+    try:
+        yield model
+    finally:
+        for layer, cache in zip(model.layers, whole):
+            layer.attention.cache = cache
+
+
+def prefill(model, prompts, slots, n_slots):
+    """Run prompts (lists of ids) into their slots of the static cache at columns 0.., positions 0..
+    -> each one's next-token logits (len(prompts), vocab). When every slot is filled at once (the
+    start), one right-padded forward serves them all: the padding lands in columns that each row's
+    first decode step overwrites or masks. A slot filled later is prefilled alone into a batch-1 view
+    of its row, the other rows untouched. Only the last real token of each prompt goes through the
+    vocab matmul."""
+    device = model.output.weight.device
+    if len(slots) == n_slots:
+        lens = torch.tensor([len(p) for p in prompts], device=device)
+        tokens = torch.zeros(len(prompts), int(lens.max()), dtype=torch.long, device=device)
+        for i, p in enumerate(prompts):
+            tokens[i, :len(p)] = torch.tensor(p, dtype=torch.long, device=device)
+        last = (torch.arange(len(prompts), device=device), lens - 1)
+        return model(tokens, cache_pos=torch.arange(tokens.shape[1], device=device), cache_len=tokens.shape[1],
+                     head=lambda h, output: output(h[last][:, None]))[:, -1]
+    out = []
+    for s, p in zip(slots, prompts):
+        with cache_row(model, s) as alone:
+            out.append(prefill(alone, [p], [0], 1))
+    return torch.cat(out)
+
+
 @torch.inference_mode()
 def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetition_penalty=1.0,
-             eos_id=None, seed=None, on_token=None, compile=False):
-    """Continue each prompt (a list of token ids; lengths may differ) in one batch -> each prompt's new
-    tokens, cut before the first stop token: eos_id is one id or a collection of ids (LLaMA-3 ends an
-    answer at <|eot_id|>, <|eom_id|> or <|end_of_text|>: Tokenizer.stop_ids). max_new_tokens: an int,
-    or one budget per prompt. Greedy when temperature is 0, else temperature + top-p sampling from a
-    generator seeded by `seed` (the draws depend on the batch's composition; greedy results never do).
-    on_token(row, token_id) is called for every new token as it is chosen (streaming).
+             eos_id=None, seed=None, on_token=None, compile=False, batch_size=None, on_answer=None):
+    """Continue each prompt (a list of token ids; lengths may differ) -> each prompt's new tokens, in
+    the prompts' order, cut before the first stop token: eos_id is one id or a collection of ids
+    (LLaMA-3 ends an answer at <|eot_id|>, <|eom_id|> or <|end_of_text|>: Tokenizer.stop_ids).
+    max_new_tokens: an int, or one budget per prompt. Greedy when temperature is 0, else temperature
+    + top-p sampling from a generator seeded by `seed` (the draws depend on the batch's composition;
+    greedy results never do). on_token(i, token_id) is called for every new token of prompt i as it is
+    chosen (streaming); on_answer(i, tokens) once prompt i's answer is complete (resumable output).
 
-    Prompts are left-padded so every row's next token sits in the same column: the padded prompt block
-    is prefilled once into the static KV cache, then each step feeds one token per row at cache slot t
-    (fast_decode.decode_step). `mask` hides the padding and `positions` start each row's RoPE at its
-    first real token, so a row gives exactly the tokens it gives alone. compile=True runs the step
-    through torch.compile (the same tokens; the first call of each batch shape pays the compile)."""
+    Continuous batching on a static KV cache of batch_size rows, the slots (default: every prompt at
+    once). A prompt is prefilled alone into a free slot, at columns 0.. of that row and its own RoPE
+    positions; then every step feeds one token per slot at that slot's next column
+    (fast_decode.decode_step). A slot whose answer ends (a stop token or its budget) takes the next
+    prompt at once, so no row computes for an answer that is done, and a prompt gives exactly the
+    tokens it gives alone. compile=True runs the step through torch.compile (the same tokens): slots
+    and cache lengths come in buckets, so the first call of each shape pays the compile."""
     if not prompts:
         return []
-    B = len(prompts)
     per_prompt = isinstance(max_new_tokens, (list, tuple))
-    budgets = [int(n) for n in max_new_tokens] if per_prompt else [int(max_new_tokens)] * B
-    if len(budgets) != B:
-        raise ValueError(f"{len(budgets)} max_new_tokens for {B} prompts")
+    budgets = [int(n) for n in max_new_tokens] if per_prompt else [int(max_new_tokens)] * len(prompts)
+    if len(budgets) != len(prompts):
+        raise ValueError(f"{len(budgets)} max_new_tokens for {len(prompts)} prompts")
     if any(len(p) == 0 for p in prompts):
         raise ValueError("empty prompt: pass at least the BOS token")
-    if max(budgets) <= 0:
-        return [[] for _ in prompts]
-    if compile:  # few batch shapes, few compiles: rows of budget 0 fill the batch up to its bucket
-        extra = fast_decode.batch_bucket(B) - B
-        prompts, budgets = list(prompts) + [prompts[0][-1:]] * extra, budgets + [0] * extra
-    lens = [len(p) for p in prompts]
-    P, N = max(lens), max(budgets)
+    if batch_size is not None and batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    answers = [[] for _ in prompts]
+    pending = deque(i for i, n in enumerate(budgets) if n > 0)
+    for i in (i for i, n in enumerate(budgets) if n <= 0):
+        if on_answer is not None:
+            on_answer(i, [])
+    if not pending:
+        return answers
+    B = min(batch_size or len(pending), len(pending))
+    B = fast_decode.batch_bucket(B) if compile else B  # few shapes, few compiles: spare slots stay empty
+    # a slot's last chosen token is never fed back: an answer of n tokens fills prompt + n - 1 columns
+    L = fast_decode.cache_length(max(len(prompts[i]) + budgets[i] - 1 for i in pending), compile)
     was_training = model.training
     model.eval()
     device = model.output.weight.device
-    tokens = torch.zeros(len(prompts), P, dtype=torch.long)  # pad id is irrelevant: masked, never counted as seen
-    for i, p in enumerate(prompts):
-        tokens[i, P - len(p):] = torch.tensor(p, dtype=torch.long)
-    tokens = tokens.to(device)
-    pad = torch.tensor([P - n for n in lens], device=device)
-    cols = torch.arange(P, device=device)
-    L = fast_decode.cache_length(P + N - 1, compile)  # the last chosen token is never fed back
-    mask = torch.ones(len(prompts), L, dtype=torch.bool, device=device)  # generated slots are real tokens
-    mask[:, :P] = cols >= pad[:, None]
-    positions = (cols - pad[:, None]).clamp(min=0)  # padding's positions are masked anyway
-    # Which tokens each row has seen, for the penalty: counted with scatter_add so padding adds 0
-    # (a plain boolean scatter with repeated ids would be order-dependent).
-    seen = torch.zeros(len(prompts), model.args.vocab_size, dtype=torch.long, device=device)
-    seen = seen.scatter_add_(1, tokens, mask[:, :P].long()) > 0
-    budget = torch.tensor(budgets, device=device)
-    n_out = torch.zeros(len(prompts), dtype=torch.long, device=device)
-    done = budget <= 0
-    out = torch.zeros(len(prompts), N, dtype=torch.long, device=device)
-    rows = torch.arange(len(prompts), device=device)
+    owner, col = [None] * B, [0] * B  # per slot: its prompt's index, the cache column of its next token
+    seen = torch.zeros(B, model.args.vocab_size, dtype=torch.bool, device=device)  # for the penalty
+    logits = torch.zeros(B, model.args.vocab_size, device=device)
+    rows = torch.arange(B, device=device)
     generator = None if seed is None else torch.Generator(device=device).manual_seed(seed)
-    stop_ids = [] if eos_id is None else [int(i) for i in eos_id] if hasattr(eos_id, "__iter__") else [int(eos_id)]
-    stop = torch.tensor(stop_ids, dtype=torch.long, device=device)
-    step_fn = fast_decode.step_function(model, len(prompts), L, compile)
+    stop = set() if eos_id is None else {int(i) for i in eos_id} if hasattr(eos_id, "__iter__") else {int(eos_id)}
+    step_fn = fast_decode.step_function(model, B, L, compile)
     try:
-        logits = model(tokens, cache_pos=cols, mask=mask, positions=positions)[:, -1]  # prefill
-        for step in range(N):
+        while True:
+            filled = fill_slots(owner, pending)
+            if filled:
+                slots = [s for s, _ in filled]
+                logits[slots] = prefill(model, [prompts[i] for _, i in filled], slots, B).float()
+                for s, i in filled:
+                    seen[s] = False
+                    seen[s, torch.tensor(prompts[i], device=device)] = True
+                    col[s] = len(prompts[i])
             tok = next_token(logits, seen, temperature, top_p, repetition_penalty, generator)
-            out[:, step] = tok
-            is_eos = torch.isin(tok, stop)
-            kept = ~done & ~is_eos  # a row's tokens are a prefix of out[i]: n_out counts it
-            n_out += kept
-            done |= is_eos | (n_out >= budget)
             seen[rows, tok] = True
-            if on_token is not None:
-                for i in kept[:B].nonzero()[:, 0].tolist():
-                    on_token(i, int(tok[i]))
-            if step == N - 1 or bool(done.all()):  # one sync per step: cheap next to a forward pass
+            for s, t in enumerate(tok.tolist()):  # one sync per step: cheap next to a forward pass
+                i = owner[s]
+                if i is None:
+                    continue
+                if t not in stop:
+                    answers[i].append(t)
+                    if on_token is not None:
+                        on_token(i, t)
+                if t in stop or len(answers[i]) == budgets[i]:
+                    owner[s], col[s] = None, 0  # an empty slot writes column 0 of its row: never read
+                    if on_answer is not None:
+                        on_answer(i, answers[i])
+            if not pending and all(o is None for o in owner):
                 break
-            logits = step_fn(model, tok, torch.tensor(P + step, device=device), pad, mask)
+            in_use = None if compile else max(col) + 1  # eager: attend to the columns in use only
+            logits.copy_(step_fn(model, tok, rows.new_tensor(col), in_use))
+            col = [c + (o is not None) for c, o in zip(col, owner)]
     finally:
         if not compile:  # a compiled step keeps its cache, built for those buffers; eager frees it
             model.clear_cache()
         model.train(was_training)
-    return [row[:n].tolist() for row, n in zip(out.cpu(), n_out.tolist())][:B]
+    return answers
 
 
 def is_exact(answer, reference):
@@ -234,9 +295,71 @@ def write_json_atomic(path, obj):
         tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
 
 
+def load_tokenizer(ckpt):
+    return llama.Tokenizer(llama.find_tokenizer(ckpt, required=True))
+
+
 def load(ckpt, dtype, device):
     """A Meta folder (params.json) or a Hugging Face one (config.json) -> (model, tokenizer)."""
-    return hf.load_any(ckpt, dtype=dtype, device=device), llama.Tokenizer(llama.find_tokenizer(ckpt, required=True))
+    return hf.load_any(ckpt, dtype=dtype, device=device), load_tokenizer(ckpt)
+
+
+class Partial:
+    """The answers of an unfinished --prompts run, one JSON line each as they finish, beside --out
+    (OUT.partial.jsonl): the same command run again after Ctrl-C or kill -9 answers only the prompts
+    still missing, and the final --out equals an uninterrupted run's. The first line records the dtype
+    and a key over everything the answers depend on (checkpoint, token ids, budgets, settings): other
+    prompts or settings are refused, not mixed in."""
+
+    def __init__(self, out):
+        self.path = Path(f"{out}.partial.jsonl")
+        self.header, self.done = None, {}
+        if not self.path.exists():
+            return
+        raw = self.path.read_bytes()
+        complete = raw[:raw.rfind(b"\n") + 1]  # a kill -9 may leave half a line at the end: dropped
+        try:
+            lines = [json.loads(x) for x in complete.decode("utf-8").splitlines()]
+            self.done = {int(x["index"]): str(x["output"]) for x in lines[1:]}
+        except (ValueError, KeyError, TypeError):
+            lines = None
+        if lines is None or lines and not (isinstance(lines[0], dict) and {"dtype", "key"} <= lines[0].keys()):
+            raise UserError(f"{self.path}: not the answers of an unfinished sample.py run; delete it")
+        self.header = lines[0] if lines else None  # killed before its first line: start afresh
+        with open(self.path, "r+b") as f:
+            f.truncate(len(complete))
+
+    def start(self, dtype, key):
+        if self.header is not None and self.header["key"] != key:
+            raise UserError(f"{self.path}: holds answers of another command (other prompts, checkpoint or "
+                            f"settings); run that command to finish it, or delete the file to start afresh")
+        self.header = {"dtype": dtype, "key": key}
+
+    def add(self, answer):
+        """Append one answer ({"index", "output"}), after the header when the file is new; on disk at once."""
+        lines = [answer] if self.path.exists() and self.path.stat().st_size else [self.header, answer]
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def answers_key(ckpt, ids, budgets, settings, dtype):
+    what = {"ckpt": str(Path(ckpt).resolve()), "ids": ids, "budgets": budgets, "dtype": dtype,
+            **{k: v for k, v in settings.items() if k != "compile"}}  # a compiled step gives the same tokens
+    return hashlib.sha256(json.dumps(what, sort_keys=True, default=list).encode()).hexdigest()
+
+
+def pick_dtype(a, partial):
+    """precision.choose_dtype, as train.py uses it (--dtype; bf16 on CUDA; on a CPU bf16 only where a
+    matmul timing finds it clearly faster); an unfinished run continues in the dtype it started with."""
+    if partial is not None and partial.header is not None:
+        kept = partial.header["dtype"]
+        if a.dtype and a.dtype != kept:
+            raise UserError(f"--dtype {a.dtype}: {partial.path} was started in {kept}; drop --dtype, pass "
+                            f"--dtype {kept}, or delete that file to start afresh")
+        return kept, f"kept from the unfinished run in {partial.path}"
+    return choose_dtype(argparse.Namespace(resume=False, dtype=a.dtype), torch.device(a.device), None)
 
 
 def check_args(a):
@@ -281,20 +404,22 @@ def run(argv):
     add("--repetition-penalty", type=float, default=REPETITION_PENALTY, help="CTRL's penalty (default: 1.2, the "
         "paper's)")
     add("--meta-prompt", help='append "\\n" + this to every instruction, e.g. "Generate a long response"')
-    add("--batch-size", type=int, default=16, help="prompts generated together (default: 16)")
+    add("--batch-size", type=int, default=32, help="slots: answers generated together; a slot whose answer ends "
+        "takes the next prompt at once (default: 32)")
     add("--limit", type=int, help="answer only the first N prompts")
     add("--seed", type=int, default=0, help="the sampling generator's seed (default: 0)")
     add("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="default: cuda if present, else cpu")
-    add("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA, fp32 on CPU")
+    add("--dtype", choices=("bf16", "fp32"), help="default: bf16 on CUDA; on a CPU bf16 where a matmul timing "
+        "finds it clearly faster, else fp32")
     add("--compile", action="store_true", help="torch.compile the one-token decode step (same tokens; pays off for "
         "long answers, CUDA graphs on GPU; on a CPU kept only where it times faster)")
     a = p.parse_args(argv)
     check_args(a)
     template = data.pick_template(a.ckpt, a.template)  # before the model loads: one line if there is none
     records = read_prompts(a.prompts)[:a.limit] if a.prompts is not None else None
-    dtype = {"bf16": torch.bfloat16,
-             "fp32": torch.float32}[a.dtype or ("bf16" if a.device.startswith("cuda") else "fp32")]
-    model, tok = load(a.ckpt, dtype, a.device)
+    partial = Partial(a.out) if records is not None else None
+    dtype_name, why = pick_dtype(a, partial)
+    tok = load_tokenizer(a.ckpt)
     ids = []
     for i, r in enumerate(records or [{"instruction": a.prompt}]):
         try:
@@ -308,6 +433,10 @@ def run(argv):
               file=sys.stderr)
     settings = dict(temperature=a.temperature, top_p=a.top_p, repetition_penalty=a.repetition_penalty,
                     eos_id=tok.stop_ids, seed=a.seed, compile=a.compile)
+    if partial is not None:  # before the model is loaded: another command's answers cost one line
+        partial.start(dtype_name, answers_key(a.ckpt, ids, budgets, settings, dtype_name))
+    print(f"dtype: {dtype_name} ({why})", file=sys.stderr)
+    model = load(a.ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name], a.device)[0]
 
     if records is None:
         stream = TextStream(tok)
@@ -315,13 +444,20 @@ def run(argv):
         stream.end()
         return 0
 
-    # Longest prompts first: similar lengths share a batch (little padding), and memory trouble shows at once.
-    order = sorted(range(len(ids)), key=lambda i: -len(ids[i]))
-    answers = [None] * len(ids)
-    for b in tqdm(range(0, len(order), a.batch_size), desc="generating", unit="batch"):
-        rows = order[b:b + a.batch_size]
-        for i, new in zip(rows, generate(model, [ids[i] for i in rows], [budgets[i] for i in rows], **settings)):
-            answers[i] = tok.decode(new)
+    answers = [partial.done.get(i) for i in range(len(ids))]
+    # Longest prompts first: memory trouble shows at once. The answers go back in the prompts' order.
+    todo = sorted((i for i, x in enumerate(answers) if x is None), key=lambda i: -len(ids[i]))
+    if len(todo) < len(ids):
+        print(f"continuing {partial.path}: {len(ids) - len(todo)} of {len(ids)} answers were done", file=sys.stderr)
+    bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="generating", unit="answer")
+
+    def finished(j, new):  # written as it comes: a killed run loses only the answers under way
+        answers[todo[j]] = tok.decode(new)
+        partial.add({"index": todo[j], "output": answers[todo[j]]})
+        bar.update()
+    generate(model, [ids[i] for i in todo], [budgets[i] for i in todo], **settings, batch_size=a.batch_size,
+             on_answer=finished)
+    bar.close()
     name = a.generator or generator_name(a.ckpt)
     outputs = []
     for r, answer in zip(records, answers):
@@ -335,6 +471,7 @@ def run(argv):
         write_json_atomic(a.out, outputs)
     except OSError as e:
         raise UserError(f"{a.out}: {e.strerror or e}") from None
+    partial.path.unlink()
     print(f"wrote {len(outputs)} answers to {a.out}", file=sys.stderr)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from bench import judge, memory, qlora
+from bench import generate, judge, memory, qlora
 from bench.decode import DTYPES, bench_decode, bench_decode1
 from bench.training import bench_lora, bench_noise, bench_train
 from model import ModelArgs
@@ -49,6 +49,8 @@ PARTS = {
     "qlora_speed": lambda a, d: qlora.qlora_speed(size_cfg(TRAIN_CFG, a), a.seq_len, a.batch_size, a.noise_rounds,
                                                   a.lora_rank),
     "nf4_error": lambda a, d: qlora.nf4_error(a.nf4_folder) if a.nf4_folder else {"skipped": "no --nf4-folder"},
+    "slots": lambda a, d: generate.bench_slots(size_cfg(DECODE_CFG, a), d, a.decode_dtype, a.slots_prompts,
+                                               a.slots_batch, a.new_tokens, a.compile),
     "judge": lambda a, d: judge.bench_judge(judge.SMOLLM2_SHAPE | {"n_layers": a.judge_layers}, d, a.judge_prompts,
                                             dtype=a.judge_dtype),
     "decode1": lambda a, d: bench_decode1(size_cfg(DECODE_CFG, a), d, a.decode1_dtypes, a.new_tokens,
@@ -102,6 +104,8 @@ def main(argv=None):
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA rank of the lora and lora_memory parts")
     p.add_argument("--lora-micro-batch", type=int, default=4, help="lora_memory: micro-batch (LLaMA-2-7B by default)")
     p.add_argument("--lora-seq-len", type=int, default=512, help="lora_memory: sequence length")
+    p.add_argument("--slots-prompts", type=int, default=64, help="slots: prompts of uneven budgets up to --new-tokens")
+    p.add_argument("--slots-batch", type=int, default=16, help="slots: the number of slots = the static batch size")
     p.add_argument("--nf4-folder", help="nf4_error: an HF folder whose linear weights are quantized (e.g. SmolLM2)")
     p.add_argument("--judge-prompts", type=int, default=48, help="judge: prompts judged (200-800 tokens each)")
     p.add_argument("--judge-layers", type=int, default=4, help="judge: layers of the SmolLM2-135M-shaped judge")

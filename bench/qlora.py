@@ -16,6 +16,7 @@ import torch.nn as nn
 import lora
 import qlora
 from bench import memory
+from bench.training import train_step_fn
 from model import ModelArgs, Transformer
 
 
@@ -86,7 +87,6 @@ def qlora_speed(cfg, seq_len, batch_size, rounds, rank):
     LoRA step of the same model on this device, alternating, best of `rounds`: tokens/s. And the
     price itself: the time to dequantize every linear weight once (a step does it in the forward and
     again in the backward: linear_nf4 keeps the NF4 weight, not its bf16 copy)."""
-    from bench import train_step_fn  # here: bench.py imports this file for its PARTS
     args = ModelArgs(**cfg)
     tokens = torch.randint(0, args.vocab_size, (batch_size, seq_len))
     mask = torch.ones_like(tokens, dtype=torch.bool)

@@ -118,3 +118,16 @@ def test_cli_compile_gives_the_same_answer(tmp_path):
         assert p.returncode == 0, p.stderr
         texts.append(p.stdout)
     assert texts[0] == texts[1] and texts[0].strip()
+
+
+def test_compiled_slots_refill_equal_each_prompt_alone(compiled):
+    # continuous batching in the fixture's shape (4 slots, one cache bucket): no new compile, and each
+    # prompt gives its tokens alone, whatever slot it lands in and whenever
+    from test_slots import uneven_prompts
+    model = compiled[0]
+    prompts, budgets = uneven_prompts(n=10, seed=5)
+    alone = [generate(model, [p], n, repetition_penalty=1.2)[0] for p, n in zip(prompts, budgets)]
+    before = graphs()
+    assert generate(model, prompts, budgets, repetition_penalty=1.2, batch_size=4, compile=True) == alone
+    assert generate(model, prompts, budgets, repetition_penalty=1.2, batch_size=3, compile=True) == alone  # 3 -> 4
+    assert graphs() == before

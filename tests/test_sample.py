@@ -114,6 +114,8 @@ class FixedLogits(torch.nn.Module):
     def clear_cache(self):
         pass
 
+    layers = ()  # sample.cache_row swaps each layer's cache: none here
+
 
 def test_repetition_penalty_during_generation():
     model = FixedLogits([3.0, 2.9, 1.0, -1.0, -1.1, -3.0])

@@ -1,0 +1,197 @@
+"""sample.py at scale: continuous batching (a slot whose answer ends takes the next prompt) against each
+prompt generated alone, the dtype chosen by measurement, and resumable --prompts runs (Ctrl-C, kill -9)."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+import torch
+from conftest import ENV, ROOT, command, one_error_line, tiny_model
+
+import builtin_data
+import precision
+import sample
+from bench import generate as bench_generate
+from model import save_meta
+from sample import fill_slots, generate
+
+
+def uneven_prompts(n=23, vocab=97, seed=0):
+    """Prompts of 1 to ~60 tokens and budgets of 1 to 40: slots free up at very different steps."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [1 + int(x) for x in torch.randint(0, 60, (n,), generator=g)]
+    prompts = [[1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in lens]
+    budgets = [1 + int(x) for x in torch.randint(0, 40, (n,), generator=g)]
+    return prompts, budgets
+
+
+def test_fill_slots_takes_pending_prompts_in_order():
+    from collections import deque
+    owner, pending = [None, 7, None], deque([3, 4, 5])
+    assert fill_slots(owner, pending) == [(0, 3), (2, 4)] and owner == [3, 7, 4] and list(pending) == [5]
+    assert fill_slots(owner, pending) == [] and list(pending) == [5]  # no free slot
+    owner[1] = None
+    assert fill_slots(owner, pending) == [(1, 5)] and fill_slots([None], deque()) == []
+
+
+@pytest.mark.parametrize("penalty", [1.0, 1.2])
+def test_slot_refill_equals_each_prompt_alone(penalty):
+    model = tiny_model(seed=2)
+    prompts, budgets = uneven_prompts()
+    alone = [generate(model, [p], n, repetition_penalty=penalty)[0] for p, n in zip(prompts, budgets)]
+    assert [len(a) for a in alone] == budgets and len({tuple(a) for a in alone}) > len(alone) // 2
+    finished = []
+    calls = []
+    hook = model.register_forward_hook(lambda m, args, out: calls.append(args[0].shape))
+    try:
+        got = generate(model, prompts, budgets, repetition_penalty=penalty, batch_size=3,
+                       on_answer=lambda i, new: finished.append((i, list(new))))
+    finally:
+        hook.remove()
+    assert got == alone  # the input order, each answer as alone
+    assert sorted(finished) == list(enumerate(alone)) and [i for i, _ in finished] != sorted(i for i, _ in finished)
+    # slots were refilled: a batch-1 prefill per prompt after the first three (one forward for those),
+    # and one step per token of the busiest slot's answers, far fewer than 23 prompts' worth of static batches
+    prefills = [s for s in calls if s[1] > 1 or s[0] == 1]
+    assert len(prefills) >= 20 and all(s[0] in (1, 3) for s in calls)
+    steps = len(calls) - len(prefills)
+    static = sum(max(budgets[b:b + 3]) for b in range(0, len(budgets), 3))
+    assert steps < static
+
+
+def test_stop_tokens_free_slots_for_the_next_prompt():
+    model = tiny_model(seed=3)
+    prompts, _ = uneven_prompts(n=15, seed=1)
+    ref = [generate(model, [p], 24)[0] for p in prompts]
+    counts = torch.bincount(torch.tensor(sum(ref, [])))
+    stop = counts.argsort(descending=True)[:3].tolist()  # the most common tokens: many answers stop early
+    alone = [generate(model, [p], 24, eos_id=stop)[0] for p in prompts]
+    assert sum(len(a) < 24 for a in alone) >= 5
+    assert generate(model, prompts, 24, eos_id=stop, batch_size=4) == alone
+    assert generate(model, prompts[::-1], 24, eos_id=stop, batch_size=2) == alone[::-1]
+
+
+def test_batch_size_larger_than_the_prompts_and_zero_budgets():
+    model = tiny_model()
+    prompts, budgets = uneven_prompts(n=5, seed=4)
+    budgets[1] = 0
+    alone = [generate(model, [p], n)[0] for p, n in zip(prompts, budgets)]
+    assert alone[1] == [] and generate(model, prompts, budgets, batch_size=64) == alone
+    with pytest.raises(ValueError):
+        generate(model, prompts, budgets, batch_size=0)
+
+
+# ---- the command line: dtype and resume ----
+
+@pytest.fixture(scope="module")
+def cli(tmp_path_factory):
+    """A tiny checkpoint with the built-in tokenizer and 12 instructions of very different lengths."""
+    root = tmp_path_factory.mktemp("slots")
+    tok = builtin_data.builtin_tokenizer(root / "tok" / "tokenizer.model")
+    ckpt = save_meta(tiny_model(vocab_size=tok.n_words), root / "run" / "final", tokenizer_path=tok.path,
+                     dtype=torch.float32)
+    words = "rivers mountains the of a cat sat on mat under bright green trees near old stone bridges".split()
+    records = [{"instruction": " ".join(words[:1 + (7 * i) % len(words)] * (1 + i % 4))} for i in range(12)]
+    (root / "prompts.json").write_text(json.dumps(records))
+    return root, ckpt
+
+
+def sample_args(root, ckpt, out, *extra):
+    return ["--ckpt", str(ckpt), "--prompts", str(root / "prompts.json"), "--out", str(out), "--max-new-tokens",
+            "12", "--batch-size", "3", "--dtype", "fp32", *extra]
+
+
+def test_dtype_by_measurement_and_override(cli, tmp_path, monkeypatch, capsys):
+    root, ckpt = cli
+    loaded = []
+    real = sample.load
+    monkeypatch.setattr(sample, "load", lambda c, dtype, device: loaded.append(dtype) or real(c, dtype, device))
+    for flops, name, want in (((100e9, 900e9), "bf16", torch.bfloat16), ((100e9, 110e9), "fp32", torch.float32)):
+        monkeypatch.setattr(precision, "matmul_flops", lambda flops=flops: flops)
+        argv = sample_args(root, ckpt, tmp_path / f"{name}.json")
+        argv.remove("--dtype"), argv.remove("fp32")
+        assert sample.main(argv) == 0
+        assert loaded[-1] == want and f"dtype: {name} (measured on this CPU" in capsys.readouterr().err
+    monkeypatch.setattr(precision, "matmul_flops", lambda: (100e9, 900e9))  # bf16 would win: --dtype decides
+    assert sample.main(sample_args(root, ckpt, tmp_path / "o.json")) == 0
+    assert loaded[-1] == torch.float32 and "dtype: fp32 (--dtype)" in capsys.readouterr().err
+
+
+def test_ctrl_c_then_the_same_command_continues(cli, tmp_path, monkeypatch, capsys):
+    root, ckpt = cli
+    ref = tmp_path / "ref.json"
+    assert sample.main(sample_args(root, ckpt, ref)) == 0
+    out = tmp_path / "out.json"
+    partial = tmp_path / "out.json.partial.jsonl"
+    real = sample.generate
+
+    def interrupted(*args, on_answer, **kw):
+        def answer(i, new):
+            on_answer(i, new)
+            if partial.read_text().count("\n") == 6:  # the header and 5 answers
+                raise KeyboardInterrupt
+        return real(*args, on_answer=answer, **kw)
+    monkeypatch.setattr(sample, "generate", interrupted)
+    assert sample.main(sample_args(root, ckpt, out)) == 130 and not out.exists()
+    with open(partial, "a") as f:
+        f.write('{"index": 11, "outp')  # as kill -9 can leave the last line
+    asked = []
+    monkeypatch.setattr(sample, "generate", lambda model, prompts, *a, **k: asked.append(len(prompts)) or
+                        real(model, prompts, *a, **k))
+    capsys.readouterr()
+    assert sample.main(sample_args(root, ckpt, out)) == 0
+    assert "5 of 12 answers were done" in capsys.readouterr().err and asked == [7]
+    assert out.read_text() == ref.read_text() and not partial.exists()
+
+
+def test_partial_answers_of_another_command_are_refused(cli, tmp_path, capsys):
+    root, ckpt = cli
+    out = tmp_path / "out.json"
+    partial = tmp_path / "out.json.partial.jsonl"
+    partial.write_text(json.dumps({"dtype": "fp32", "key": "another"}) + "\n")
+    assert sample.main(sample_args(root, ckpt, out)) == 2
+    assert "holds answers of another command" in one_error_line(capsys.readouterr().err, "sample.py")
+    assert sample.main(sample_args(root, ckpt, out, "--dtype", "bf16")) == 2  # the last --dtype wins
+    assert "was started in fp32" in one_error_line(capsys.readouterr().err, "sample.py")
+    partial.write_text("not json\n")
+    assert sample.main(sample_args(root, ckpt, out)) == 2
+    assert "not the answers of an unfinished sample.py run" in one_error_line(capsys.readouterr().err, "sample.py")
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_kill_9_then_the_same_command_gives_the_uninterrupted_file(cli, tmp_path):
+    root, ckpt = cli
+    args = lambda out: sample_args(root, ckpt, out, "--batch-size", "1", "--max-new-tokens", "200")
+    ref = tmp_path / "ref.json"
+    subprocess.run(command("sample.py", args(ref)), cwd=ROOT, env=ENV, check=True, capture_output=True, timeout=300)
+    out = tmp_path / "out.json"
+    partial = tmp_path / "out.json.partial.jsonl"
+    p = subprocess.Popen(command("sample.py", args(out)), cwd=ROOT, env=ENV, stdout=subprocess.DEVNULL,
+                         stderr=subprocess.DEVNULL)
+    while p.poll() is None and (not partial.exists() or partial.read_text().count("\n") < 4):
+        time.sleep(0.01)
+    os.kill(p.pid, signal.SIGKILL)
+    p.wait()
+    done = partial.read_text().count("\n") - 1
+    assert p.returncode == -signal.SIGKILL and 3 <= done < 12 and not out.exists()
+    q = subprocess.run(command("sample.py", args(out)), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert q.returncode == 0, q.stderr
+    assert f"{done} of 12 answers were done" in q.stderr
+    assert out.read_text() == ref.read_text() and not partial.exists()
+
+
+def test_bench_slots_part_counts_the_same_answers_both_ways():
+    cfg = dict(dim=32, n_layers=1, n_heads=2, vocab_size=64, multiple_of=16)
+    r = bench_generate.bench_slots(cfg, torch.device("cpu"), "fp32", 9, 4, 6, False)
+    assert r["answer_tokens"] > 9 and r["slots_tokens_per_s"] > 0 and r["static_tokens_per_s"] > 0
+    model = tiny_model()
+    prompts, budgets = uneven_prompts(n=9, seed=6)
+
+    class Tok:
+        stop_ids = [5]
+    static = bench_generate.ours(model, Tok, prompts, budgets, 4, static=True)
+    slots = bench_generate.ours(model, Tok, prompts, budgets, 4)
+    assert static == slots == generate(model, prompts, budgets, eos_id=5, repetition_penalty=1.2)  # as sample.py
