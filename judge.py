@@ -208,6 +208,8 @@ def judge_prompts(model, prompts, forms, pad_id, device, autocast, cache_path, m
     cache (one write), so a kill loses at most a round. FSDP's forward is collective: a rank with no
     batch in the last round still runs one."""
     done = read_cache(cache_path)
+    if world > 1:
+        dist.barrier()  # every rank has read the cache before rank 0 appends to it: the same batches to do
     todo = [b for b in plan_batches(prompts, max_tokens) if not all(k in done for k in b)]
     rounds = range(0, len(todo), world)
     for r in tqdm(rounds, desc="judging", unit="round", disable=rank != 0 or not todo, dynamic_ncols=True):
