@@ -370,7 +370,7 @@ def plot(board, path):
     import matplotlib.pyplot as plt
 
     names = list(board)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(names), 3.6))
+    fig, ax = plt.subplots(figsize=(2.8 + 1.2 * len(names), 3.6))
     xs = torch.arange(len(names)).tolist()
     for shift, key, label in ((-0.18, "win_rate", "raw"), (0.18, "lc_win_rate", "length-controlled")):
         err = "standard_error" if key == "win_rate" else "lc_standard_error"
@@ -378,8 +378,9 @@ def plot(board, path):
                capsize=4, label=label)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xticks(xs, names, rotation=15)
+    ax.set_ylim(0, 100)
     ax.set_ylabel("win rate vs reference (%)")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
