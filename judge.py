@@ -417,11 +417,11 @@ def agreement(rows, ours):
         return (sum(pairs) / len(pairs) if pairs else None), len(pairs)
     (agree, n), (lagree, ln) = (share([(side(q), side(p)) for _, p, q in both]),
                                 share([(side(p), s) for (_, p, _), s in zip(both, longer)]))
+    # "always the longer answer" agrees with the published judge exactly as often as it picks the longer one
     return {"n": len(both), "agreement": agree, "n_decisive": n,
             "soft_agreement": sum(1 - abs(q - p) for _, p, q in both) / len(both) if both else None,
             "longer_answer_agreement": lagree, "n_longer_decisive": ln,
-            "ours_picks_longer": share([(side(q), s) for (_, _, q), s in zip(both, longer)])[0],
-            "published_picks_longer": share([(side(p), s) for (_, p, _), s in zip(both, longer)])[0]}
+            "ours_picks_longer": share([(side(q), s) for (_, _, q), s in zip(both, longer)])[0]}
 
 
 # ---------------------------------------------------------------- the command line
