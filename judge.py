@@ -208,6 +208,8 @@ def judge_prompts(model, prompts, forms, pad_id, device, autocast, cache_path, m
     cache (one write), so a kill loses at most a round. FSDP's forward is collective: a rank with no
     batch in the last round still runs one."""
     done = read_cache(cache_path)
+    if world > 1:
+        dist.barrier()  # every rank has read the cache before rank 0 appends to it: the same batches to do
     todo = [b for b in plan_batches(prompts, max_tokens) if not all(k in done for k in b)]
     rounds = range(0, len(todo), world)
     for r in tqdm(rounds, desc="judging", unit="round", disable=rank != 0 or not todo, dynamic_ncols=True):
@@ -368,7 +370,7 @@ def plot(board, path):
     import matplotlib.pyplot as plt
 
     names = list(board)
-    fig, ax = plt.subplots(figsize=(1.8 + 1.4 * len(names), 3.6))
+    fig, ax = plt.subplots(figsize=(2.8 + 1.2 * len(names), 3.6))
     xs = torch.arange(len(names)).tolist()
     for shift, key, label in ((-0.18, "win_rate", "raw"), (0.18, "lc_win_rate", "length-controlled")):
         err = "standard_error" if key == "win_rate" else "lc_standard_error"
@@ -376,8 +378,9 @@ def plot(board, path):
                capsize=4, label=label)
     ax.axhline(50, color="grey", lw=0.8, ls="--")
     ax.set_xticks(xs, names, rotation=15)
+    ax.set_ylim(0, 100)
     ax.set_ylabel("win rate vs reference (%)")
-    ax.legend(frameon=False)
+    ax.legend(frameon=False, loc="upper left")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -414,11 +417,11 @@ def agreement(rows, ours):
         return (sum(pairs) / len(pairs) if pairs else None), len(pairs)
     (agree, n), (lagree, ln) = (share([(side(q), side(p)) for _, p, q in both]),
                                 share([(side(p), s) for (_, p, _), s in zip(both, longer)]))
+    # "always the longer answer" agrees with the published judge exactly as often as it picks the longer one
     return {"n": len(both), "agreement": agree, "n_decisive": n,
             "soft_agreement": sum(1 - abs(q - p) for _, p, q in both) / len(both) if both else None,
             "longer_answer_agreement": lagree, "n_longer_decisive": ln,
-            "ours_picks_longer": share([(side(q), s) for (_, _, q), s in zip(both, longer)])[0],
-            "published_picks_longer": share([(side(p), s) for (_, p, _), s in zip(both, longer)])[0]}
+            "ours_picks_longer": share([(side(q), s) for (_, _, q), s in zip(both, longer)])[0]}
 
 
 # ---------------------------------------------------------------- the command line
