@@ -8,7 +8,6 @@ length-controlled win rates with error bars. Resumable, and sharded under torchr
 """
 import hashlib
 import json
-import math
 import os
 import sys
 from argparse import Namespace
@@ -20,9 +19,14 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint as ckpt
 import data
+import plots
+import winrate
 from checks import ArgumentParser, DataError, RunLock, UserError, atomic, number, run_main, writable_folder
+from precision import choose_dtype
 from tokenizer import Tokenizer, find_tokenizer
+from train import all_sum, setup_distributed
 
 LABELS = ("A", "B")  # (label of output_1, label of output_2): one token each in LLaMA, LLaMA-3 and ChatML vocabularies
 SYSTEM = ("You judge the answers of AI assistants. Given an instruction and two answers to it, you name the "
@@ -53,7 +57,6 @@ do not prefer an answer for its length or its position. Reply with the label of 
 
 ## The better answer"""
 PAD_LIMIT = 0.1  # a batch closes before its padding exceeds this share of its tokens
-BOOTSTRAP = 500  # resamples of the instructions for the LC error bar and the paired intervals
 
 
 def judge_messages(instruction, output_1, output_2):
@@ -64,16 +67,6 @@ def judge_messages(instruction, output_1, output_2):
 
 
 # ---------------------------------------------------------------- the judge's template and labels
-
-def pick_template(folder, flag):
-    """STAND-IN for data.pick_template (a folder's own chat template), used until that lands: --template,
-    else one line. The template must carry a system turn: alpaca's has none."""
-    if hasattr(data, "pick_template"):
-        return data.pick_template(folder, flag)
-    if flag is None:
-        raise UserError(f"{folder}: no chat template found for this judge; pass --template (chatml, llama3-chat, ...)")
-    return flag
-
 
 def label_forms(tok, labels=None):
     """Each label's token ids: every token that reads as the label, with or without a leading space
@@ -241,187 +234,21 @@ def preference(p1, p2):
     return 1.5 + (a2 - a1) / 2, [1 - a1, a2], mass
 
 
-# ---------------------------------------------------------------- statistics
-
-def preferences(rows):
-    """Rows with a preference -> float64 tensor in [1, 2]; AlpacaEval's legacy 0 is a tie."""
-    return torch.tensor([1.5 if r["preference"] == 0 else float(r["preference"]) for r in rows], dtype=torch.float64)
-
-
-def lc_fit(p, d, steps=50):
-    """AlpacaEval's length_controlled_minimal, unpenalised: logit P(model wins) = theta + phi * tanh(d / sd(d)),
-    d = reference length - model length, fit by Newton's method on soft labels p (maximum likelihood of
-    each row as a win weighted p and a loss weighted 1 - p). Batched over leading dims -> theta, phi."""
-    f = torch.tanh(d / d.std(-1, keepdim=True))
-    theta, phi = torch.zeros(d.shape[:-1], dtype=d.dtype), torch.zeros(d.shape[:-1], dtype=d.dtype)
-    for _ in range(steps):
-        s = torch.sigmoid(theta[..., None] + phi[..., None] * f)
-        g0, g1 = (s - p).sum(-1), ((s - p) * f).sum(-1)
-        w = s * (1 - s) + 1e-12
-        h00, h01, h11 = w.sum(-1), (w * f).sum(-1), (w * f * f).sum(-1)
-        det = h00 * h11 - h01 * h01
-        step0, step1 = (h11 * g0 - h01 * g1) / det, (h00 * g1 - h01 * g0) / det  # the 2 x 2 Newton step
-        theta, phi = (theta - step0).clamp(-40, 40), (phi - step1).clamp(-40, 40)  # clamp: all wins or losses
-        if not (step0.abs().nan_to_num().max() > 1e-12 or step1.abs().nan_to_num().max() > 1e-12):
-            break
-    return theta, phi
-
-
-def lc_win_rate(p, d):
-    return 100 * torch.sigmoid(lc_fit(p, d)[0])
-
-
-def resamples(n, seed=0, count=BOOTSTRAP):
-    return torch.randint(n, (count, n), generator=torch.Generator().manual_seed(seed))
-
-
-def length_difference(rows):
-    return torch.tensor([len(r["output_1"]) - len(r["output_2"]) for r in rows], dtype=torch.float64)
-
-
-def position_bias(rows):
-    """Mean share of the first position's label over both orders of our judge's rows (0.5: none)."""
-    first = [(1 - r["p_model_order_1"] + r["p_model_order_2"]) / 2 for r in rows
-             if r.get("p_model_order_1") is not None]
-    return sum(first) / len(first) if first else None
-
-
-def win_rates(rows, name):
-    """One generator's annotation rows -> the leaderboard entry (see docs/evaluation.md for each key)."""
-    rows = [r for r in rows if r.get("preference") is not None]
-    if len(rows) < 2:
-        raise UserError(f"{name}: {len(rows)} row(s) with a preference; a win rate needs at least 2")
-    pref, d = preferences(rows), length_difference(rows)
-    if d.std() == 0:
-        raise UserError(f"{name}: every answer is as long as its reference's minus {d[0]:g} characters (sd of the "
-                        "length difference 0): the length-controlled fit is undefined")
-    p = pref - 1
-    wins, draws = int((pref > 1.5).sum()), int((pref == 1.5).sum())
-    lc_boot = lc_win_rate(p[idx := resamples(len(rows))], d[idx])
-    decided = d != 0
-    longer_won = torch.where(d < 0, p, 1 - p)[decided]  # d < 0: the model's answer is the longer
-    ours = [r for r in rows if r.get("p_model_order_1") is not None]
-    agree = [(r["p_model_order_1"] > 0.5) == (r["p_model_order_2"] > 0.5) for r in ours]
-    return {"win_rate": 100 * p.mean().item(), "standard_error": 100 * p.std().item() / math.sqrt(len(p)),
-            "discrete_win_rate": 100 * (wins + draws / 2) / len(p), "n_wins": wins, "n_draws": draws,
-            "n_total": len(p), "lc_win_rate": lc_win_rate(p, d).item(),
-            "lc_standard_error": lc_boot[lc_boot.isfinite()].std().item(),
-            "avg_length": sum(len(r["output_2"]) for r in rows) / len(rows),
-            "p_longer": longer_won.mean().item() if decided.any() else None,
-            "p_first": position_bias(ours),
-            "consistency": sum(agree) / len(agree) if ours else None,
-            "truncated": sum(bool(r.get("truncated")) for r in rows)}
-
-
-def paired(rows_a, rows_b):
-    """Generator a minus b on the instructions both have preferences for: raw and LC win rates, each
-    with a bootstrap 95% interval from the same resampled instructions."""
-    b = {r["instruction"]: r for r in rows_b if r.get("preference") is not None}
-    both = [(r, b[r["instruction"]]) for r in rows_a if r.get("preference") is not None and r["instruction"] in b]
-    if len(both) < 2:
-        return None
-    (pa, da), (pb, db) = [(preferences(x) - 1, length_difference(x)) for x in zip(*both)]
-    idx = resamples(len(both), seed=1)
-    out = {"n": len(both)}
-    for key, f in (("win_rate", lambda p, d: 100 * p.mean(-1)), ("lc_win_rate", lc_win_rate)):
-        diff, boot = f(pa, da) - f(pb, db), f(pa[idx], da[idx]) - f(pb[idx], db[idx])
-        boot = boot[boot.isfinite()]
-        out[key] = diff.item()
-        out[key + "_ci95"] = [boot.quantile(0.025).item(), boot.quantile(0.975).item()]
-    return out
-
-
-def leaderboard(by_generator):
-    """{generator: rows} -> {generator: entry}; with two or more, each entry's "minus" holds its paired
-    differences from the generators listed after it."""
-    board = {g: win_rates(rows, g) for g, rows in by_generator.items()}
-    names = list(by_generator)
-    for i, a in enumerate(names):
-        diffs = {b: paired(by_generator[a], by_generator[b]) for b in names[i + 1:]}
-        if any(diffs.values()):
-            board[a]["minus"] = {b: v for b, v in diffs.items() if v}
-    return board
-
-
-def fmt(x, spec=".1f"):
-    return "-" if x is None else format(x, spec)
-
-
-def leaderboard_md(board, note=""):
-    lines = ["| generator | win rate | LC win rate | discrete | wins / draws / n | avg length | p_longer | p_first "
-             "| consistency | truncated |", "|---|---|---|---|---|---|---|---|---|---|"]
-    for g, e in board.items():
-        lines.append(f"| {g} | {e['win_rate']:.2f} ± {e['standard_error']:.2f} | {e['lc_win_rate']:.2f} ± "
-                     f"{e['lc_standard_error']:.2f} | {e['discrete_win_rate']:.2f} | {e['n_wins']} / {e['n_draws']} / "
-                     f"{e['n_total']} | {e['avg_length']:.0f} | {fmt(e['p_longer'], '.3f')} | "
-                     f"{fmt(e['p_first'], '.3f')} | {fmt(e['consistency'], '.3f')} | {e['truncated']} |")
-    for a, e in board.items():
-        for b, d in e.get("minus", {}).items():
-            lines.append(f"\n{a} minus {b} ({d['n']} instructions): win rate {d['win_rate']:+.2f} "
-                         f"[{d['win_rate_ci95'][0]:+.2f}, {d['win_rate_ci95'][1]:+.2f}], LC win rate "
-                         f"{d['lc_win_rate']:+.2f} [{d['lc_win_rate_ci95'][0]:+.2f}, {d['lc_win_rate_ci95'][1]:+.2f}] "
-                         "(bootstrap 95%)")
-    return "\n".join(lines) + "\n" + note
-
-
-def plot(board, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    names = list(board)
-    fig, ax = plt.subplots(figsize=(2.8 + 1.2 * len(names), 3.6))
-    xs = torch.arange(len(names)).tolist()
-    for shift, key, label in ((-0.18, "win_rate", "raw"), (0.18, "lc_win_rate", "length-controlled")):
-        err = "standard_error" if key == "win_rate" else "lc_standard_error"
-        ax.bar([x + shift for x in xs], [board[g][key] for g in names], 0.36, yerr=[board[g][err] for g in names],
-               capsize=4, label=label)
-    ax.axhline(50, color="grey", lw=0.8, ls="--")
-    ax.set_xticks(xs, names, rotation=15)
-    ax.set_ylim(0, 100)
-    ax.set_ylabel("win rate vs reference (%)")
-    ax.legend(frameon=False, loc="upper left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
 def write_json(path, obj):
     with atomic(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n")
 
 
 def write_board(out, by_generator, note=""):
-    board = leaderboard(by_generator)
+    board = winrate.leaderboard(by_generator)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "leaderboard.json", board)
     with atomic(out / "leaderboard.md") as tmp:
-        tmp.write_text(leaderboard_md(board, note))
+        tmp.write_text(winrate.leaderboard_md(board, note))
     with atomic(out / "judge.png") as tmp:
-        plot(board, tmp.with_suffix(".png"))
+        plots.plot_leaderboard(board, tmp.with_suffix(".png"))
         tmp.with_suffix(".png").rename(tmp)
     return board
-
-
-def agreement(rows, ours):
-    """How our preferences (one per row, None where not judged) agree with a published file's, beside
-    what "always the longer answer" reaches on the same rows. Rounded agreement leaves ties out."""
-    def side(p):  # 1: output_2 preferred, -1: output_1, 0: a tie
-        return (p > 1.5) - (p < 1.5)
-    both = [(r, 1.5 if r["preference"] == 0 else float(r["preference"]), q) for r, q in zip(rows, ours)
-            if r.get("preference") is not None and q is not None]
-    longer = [side(1.5 + len(r["output_2"]) - len(r["output_1"])) for r, _, _ in both]
-
-    def share(pairs):
-        pairs = [a == b for a, b in pairs if a and b]
-        return (sum(pairs) / len(pairs) if pairs else None), len(pairs)
-    (agree, n), (lagree, ln) = (share([(side(q), side(p)) for _, p, q in both]),
-                                share([(side(p), s) for (_, p, _), s in zip(both, longer)]))
-    # "always the longer answer" agrees with the published judge exactly as often as it picks the longer one
-    return {"n": len(both), "agreement": agree, "n_decisive": n,
-            "soft_agreement": sum(1 - abs(q - p) for _, p, q in both) / len(both) if both else None,
-            "longer_answer_agreement": lagree, "n_longer_decisive": ln,
-            "ours_picks_longer": share([(side(q), s) for (_, _, q), s in zip(both, longer)])[0]}
 
 
 # ---------------------------------------------------------------- the command line
@@ -446,10 +273,9 @@ def prepare(a, pairs_by_gen):
     """Everything that can be refused, before a process group or a weight: the tokenizer, the template,
     the labels, the weights' shapes, and every pair's prompts (identical answers need none). ->
     (tok, forms, init, max_len, {generator: [(ids order 1, ids order 2, cut) or None]})."""
-    import checkpoint as ckpt
 
     tok = Tokenizer(find_tokenizer(a.judge, required=True))
-    template = pick_template(Path(a.judge), a.template)
+    template = data.pick_template(Path(a.judge), a.template)  # the folder's own, or --template
     if template == "alpaca":
         raise UserError("--template alpaca has no system turn; a judge needs a chat template (chatml, llama3-chat, "
                         "llama2-chat, vicuna)")
@@ -464,9 +290,6 @@ def prepare(a, pairs_by_gen):
 def run_judge(a, tok, forms, init, prompts, out):
     """The judge's probabilities for every prompt -> {prompt ids as a tuple: probs}, under torchrun or
     in one process (a world of one, as train.py): FSDP2 shards the judge exactly as training does."""
-    import checkpoint as ckpt
-    from precision import choose_dtype
-    from train import all_sum, setup_distributed
 
     lock = None
     try:
@@ -560,7 +383,7 @@ def run(argv):
         by_gen = {g if seen[g] == 1 else f"{g}:{Path(path).stem}": rows
                   for path, groups in files.items() for g, rows in groups.items()}
         board = write_board(out, by_gen)
-        print(leaderboard_md(board), end="")
+        print(winrate.leaderboard_md(board), end="")
         return print(f"wrote {out / 'leaderboard.json'}, {out / 'leaderboard.md'}, {out / 'judge.png'}")
     if a.agreement:
         rows = read_annotations(a.agreement, a.limit)
@@ -584,11 +407,11 @@ def run(argv):
     annotator = f"judge.py:{Path(a.judge).resolve().name}"
     if a.agreement:
         ours = annotation_rows(pairs_by_gen["agreement"], prompts["agreement"], probs, None, None, annotator)
-        result = agreement(rows, [r["preference"] for r in ours])
-        result["p_first"] = position_bias(ours)
+        result = winrate.agreement(rows, [r["preference"] for r in ours])
+        result["p_first"] = winrate.position_bias(ours)
         write_json(out / "agreement.json", result)
         for k, v in result.items():
-            print(f"{k:<26} {fmt(v, '.3f') if isinstance(v, float) else v}")
+            print(f"{k:<26} {winrate.fmt(v, '.3f') if isinstance(v, float) else v}")
         if result["agreement"] is not None and result["longer_answer_agreement"] is not None:
             better = result["agreement"] > result["longer_answer_agreement"]
             print(f"this judge agrees {result['agreement']:.1%} with {a.agreement}; always picking the longer answer "
@@ -600,7 +423,7 @@ def run(argv):
         write_json(out / f"annotations_{g}.json", rows)
     cuts = ", ".join(f"{g}: {sum(r['truncated'] for r in rows)}" for g, rows in by_gen.items())
     board = write_board(out, by_gen, note=f"\nrows with answers cut to fit the judge's context: {cuts}\n")
-    print(leaderboard_md(board, note=f"\nrows with answers cut to fit the judge's context: {cuts}\n"), end="")
+    print(winrate.leaderboard_md(board, note=f"\nrows with answers cut to fit the judge's context: {cuts}\n"), end="")
     print(f"wrote {out}/annotations_*.json, leaderboard.json, leaderboard.md, judge.png")
 
 

@@ -124,6 +124,25 @@ def final_gaps(out, base=0.0):
     return {(a, k): {m: r[m] - last[(base, k)][m] for m, _ in METRICS} for (a, k), r in last.items() if a != base}
 
 
+def plot_leaderboard(board, path):
+    """judge.py's leaderboard: each generator's raw and length-controlled win rate with its error bar."""
+    names = list(board)
+    fig, ax = plt.subplots(figsize=(2.8 + 1.2 * len(names), 3.6))
+    xs = list(range(len(names)))
+    for shift, key, label in ((-0.18, "win_rate", "raw"), (0.18, "lc_win_rate", "length-controlled")):
+        err = "standard_error" if key == "win_rate" else "lc_standard_error"
+        ax.bar([x + shift for x in xs], [board[g][key] for g in names], 0.36, yerr=[board[g][err] for g in names],
+               capsize=4, label=label)
+    ax.axhline(50, color="grey", lw=0.8, ls="--")
+    ax.set_xticks(xs, names, rotation=15)
+    ax.set_ylim(0, 100)
+    ax.set_ylabel("win rate vs reference (%)")
+    ax.legend(frameon=False, loc="upper left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def run(argv):
     p = ArgumentParser(prog="plots.py", description="Redraw OUT/curves.png of train.py sweep folders (--alpha 0 A "
                        "...) and print each alpha's final gaps to alpha 0; with several folders (seeds), their mean "

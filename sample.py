@@ -435,8 +435,8 @@ def run(argv):
                     eos_id=tok.stop_ids, seed=a.seed, compile=a.compile)
     if partial is not None:  # before the model is loaded: another command's answers cost one line
         partial.start(dtype_name, answers_key(a.ckpt, ids, budgets, settings, dtype_name))
-    print(f"dtype: {dtype_name} ({why})", file=sys.stderr)
     model = load(a.ckpt, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype_name], a.device)[0]
+    print(f"dtype: {dtype_name} ({why})", file=sys.stderr)  # once the checkpoint has loaded: a mistake is one line
 
     if records is None:
         stream = TextStream(tok)

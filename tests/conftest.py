@@ -2,6 +2,7 @@
 small Meta-format folders and data files, and the ../shared fixture. ../shared (real data beside the
 checkout) is optional: tests that need it skip, except under CI=true, where a missing ../shared fails
 them (a CI that skips them tests less than it says)."""
+import base64
 import contextlib
 import io
 import json
@@ -15,6 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
@@ -22,6 +25,7 @@ sys.path.insert(0, str(ROOT))  # the scripts live flat at the repo root
 
 import builtin_data  # noqa: E402 (after the path is set)
 from model import ModelArgs, Transformer, save_meta  # noqa: E402
+from tokenizer import PAT_STR, Tokenizer  # noqa: E402
 
 # A from-scratch model small enough for a CPU test, in fp32 and on the CPU whatever the machine has
 TINY = ["--dim", "64", "--n-layers", "2", "--n-heads", "4", "--max-len", "128", "--dtype", "fp32", "--device", "cpu",
@@ -167,3 +171,67 @@ def train_run(args):
                                    "--eval-examples",
                                    "8", "--eval-every", "100", "--batch-size", "8", "--micro-batch-size", "8", *args],
                       check=False)
+
+
+# ---- tokenizers made here: a ChatML byte-level BPE (SmolLM2's layout), a LLaMA-3 tiktoken file
+
+CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as in SmolLM2's tokenizer
+# made-up text with the traps: runs of spaces (leading, inner, trailing), tabs, newlines, CRLF, digits,
+# unicode outside any small vocabulary, text that looks like a control token
+MADE_UP = ["Hello world", "a  b   c    d     e", "  two leading", "trailing  ", " ", "   ", "\t tab\t\tstop\t",
+           "line\nbreak\n\n  indented\r\nwindows\n", "12345 67.890 1e-9 3,141,592",
+           "naïve café — “quotes” ½ ① 🙂 日本語", "def f(x):\n    return x  # comment\n\n\n", "ﬁne ligature",
+           "▁ already a meta space", "", "I'LL pay 12345!!\n\n  ok", "<s> </s> <unk> [INST]",
+           "<|eot_id|><|begin_of_text|> <|im_start|>user\nhi<|im_end|>"]
+CORPUS = ("A quick brown fox jumps over the lazy dog, twice: 12345 and 67890. Naïve café owners said “hello”.\n"
+          "def add(a, b):\n    return a + b  # spaces matter\n\tTabbed line.\nsystem user assistant Be brief. Hi! "
+          "Hello! What is 2+2? It is 4. Don't stop; we'll see, they're here.\n\n")
+
+
+def write_bpe(path, text, vocab_size):
+    """A LLaMA-3-format tokenizer.model from tiktoken's own (pure Python) trainer and Meta's regex, as in
+    test_llama3.py."""
+    from tiktoken._educational import bpe_train
+
+    ranks = bpe_train(text, vocab_size, PAT_STR, visualise=None)
+    by_rank = sorted(ranks.items(), key=lambda x: x[1])
+    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank))
+    return path
+
+
+@pytest.fixture(scope="module")
+def chatml_bpe():
+    """A byte-level BPE trained here with the tokenizers library, ChatML's tokens added (SmolLM2's layout)."""
+    hf = HFTokenizer(models.BPE())
+    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    hf.decoder = decoders.ByteLevel()
+    records = builtin_data.builtin_records(seed=0, n=300)
+    lines = [m["content"] + " " + m.get("input", "") for r in records for m in r] + MADE_UP + [CORPUS] * 5
+    hf.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=500, special_tokens=CHATML, show_progress=False,
+                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    return hf
+
+
+def hf_folder(folder, hf, tokenizer_config=None, generation_config=None):
+    folder.mkdir(parents=True, exist_ok=True)
+    hf.save(str(folder / "tokenizer.json"))
+    for name, config in (("tokenizer_config.json", tokenizer_config), ("generation_config.json", generation_config)):
+        if config is not None:
+            (folder / name).write_text(json.dumps(config))
+    return folder / "tokenizer.json"
+
+
+@pytest.fixture(scope="module")
+def llama3_tok(tmp_path_factory):  # a LLaMA-3 tiktoken file from tiktoken's own trainer and Meta's regex
+    records = builtin_data.builtin_records(seed=0, n=120)
+    text = "\n".join(m["content"] + " " + m.get("input", "") for r in records for m in r) + CORPUS
+    return Tokenizer(write_bpe(tmp_path_factory.mktemp("llama3") / "tokenizer.model", text, vocab_size=600))
+
+
+def uneven_prompts(n=23, vocab=97, seed=0):
+    """Prompts of 1 to ~60 tokens and budgets of 1 to 40: slots free up at very different steps."""
+    g = torch.Generator().manual_seed(seed)
+    lens = [1 + int(x) for x in torch.randint(0, 60, (n,), generator=g)]
+    prompts = [[1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in lens]
+    budgets = [1 + int(x) for x in torch.randint(0, 40, (n,), generator=g)]
+    return prompts, budgets

@@ -121,6 +121,7 @@ def test_params_json_with_a_string_dim(tmp_path, capsys):
     with pytest.raises(CheckpointError, match=r'params.json: "dim" must be an integer, got \'32\''):
         load_meta(tmp_path / "m")
     (tmp_path / "p.json").write_text(json.dumps([{"instruction": "hi"}]))
+    builtin_data.builtin_tokenizer(tmp_path / "m" / "tokenizer.model")  # sample.py reads the tokenizer first
     code = sample.main(["--ckpt", str(tmp_path / "m"), "--prompts", str(tmp_path / "p.json"),
                         "--out", str(tmp_path / "o.json"), "--template", "alpaca"])
     assert code == 2 and '"dim" must be an integer' in one_error_line(capsys.readouterr().err, "sample.py")

@@ -6,7 +6,7 @@ import weakref
 
 import pytest
 import torch
-from conftest import PROMPTS, call, tiny_model
+from conftest import PROMPTS, call, tiny_model, uneven_prompts
 from torch._dynamo.utils import counters
 
 import builtin_data
@@ -123,7 +123,6 @@ def test_cli_compile_gives_the_same_answer(tmp_path):
 def test_compiled_slots_refill_equal_each_prompt_alone(compiled):
     # continuous batching in the fixture's shape (4 slots, one cache bucket): no new compile, and each
     # prompt gives its tokens alone, whatever slot it lands in and whenever
-    from test_slots import uneven_prompts
     model = compiled[0]
     prompts, budgets = uneven_prompts(n=10, seed=5)
     alone = [generate(model, [p], n, repetition_penalty=1.2)[0] for p, n in zip(prompts, budgets)]

@@ -9,30 +9,19 @@ import re
 from pathlib import Path
 
 import pytest
-from conftest import call
+from conftest import CORPUS, MADE_UP, call, hf_folder
 from tokenizers import Tokenizer as HFTokenizer
-from tokenizers import decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import processors
 
 import builtin_data
 import data
 import tokenizer
 from hf_tokenizer import write_hf_tokenizer
-from tokenizer import PAT_STR, CheckpointError, Tokenizer, find_tokenizer
+from tokenizer import CheckpointError, Tokenizer, find_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 IGNORE = data.IGNORE
-CHATML = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # ids 0, 1, 2, as in SmolLM2's tokenizer
-# made-up text with the traps: runs of spaces (leading, inner, trailing), tabs, newlines, CRLF, digits,
-# unicode outside any small vocabulary, text that looks like a control token
-MADE_UP = ["Hello world", "a  b   c    d     e", "  two leading", "trailing  ", " ", "   ", "\t tab\t\tstop\t",
-           "line\nbreak\n\n  indented\r\nwindows\n", "12345 67.890 1e-9 3,141,592",
-           "naïve café — “quotes” ½ ① 🙂 日本語", "def f(x):\n    return x  # comment\n\n\n", "ﬁne ligature",
-           "▁ already a meta space", "", "I'LL pay 12345!!\n\n  ok", "<s> </s> <unk> [INST]",
-           "<|eot_id|><|begin_of_text|> <|im_start|>user\nhi<|im_end|>"]
 RUNS = [" " * n + "x" + " " * m + "y" + "\t" * (m % 3) for n in range(20) for m in range(0, 20, 3)]
-CORPUS = ("A quick brown fox jumps over the lazy dog, twice: 12345 and 67890. Naïve café owners said “hello”.\n"
-          "def add(a, b):\n    return a + b  # spaces matter\n\tTabbed line.\nsystem user assistant Be brief. Hi! "
-          "Hello! What is 2+2? It is 4. Don't stop; we'll see, they're here.\n\n")
 
 
 @functools.cache
@@ -53,32 +42,8 @@ def real_texts(shared):
     return tuple(texts + [t for t in dict.fromkeys(rest) if re.search(r"  |\t", t) and t not in seen])
 
 
-def write_bpe(path, text, vocab_size):
-    """A LLaMA-3-format tokenizer.model from tiktoken's own (pure Python) trainer and Meta's regex, as in
-    test_llama3.py."""
-    from tiktoken._educational import bpe_train
-
-    ranks = bpe_train(text, vocab_size, PAT_STR, visualise=None)
-    by_rank = sorted(ranks.items(), key=lambda x: x[1])
-    path.write_text("".join(f"{base64.b64encode(t).decode()} {r}\n" for t, r in by_rank))
-    return path
-
-
 def spaced(texts):
     return sum("  " in t for t in texts)
-
-
-@pytest.fixture(scope="module")
-def chatml_bpe():
-    """A byte-level BPE trained here with the tokenizers library, ChatML's tokens added (SmolLM2's layout)."""
-    hf = HFTokenizer(models.BPE())
-    hf.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    hf.decoder = decoders.ByteLevel()
-    records = builtin_data.builtin_records(seed=0, n=300)
-    lines = [m["content"] + " " + m.get("input", "") for r in records for m in r] + MADE_UP + [CORPUS] * 5
-    hf.train_from_iterator(lines, trainers.BpeTrainer(vocab_size=500, special_tokens=CHATML, show_progress=False,
-                                                      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    return hf
 
 
 def plain(hf):
@@ -88,25 +53,9 @@ def plain(hf):
     return HFTokenizer.from_str(json.dumps(spec))
 
 
-def hf_folder(folder, hf, tokenizer_config=None, generation_config=None):
-    folder.mkdir(parents=True, exist_ok=True)
-    hf.save(str(folder / "tokenizer.json"))
-    for name, config in (("tokenizer_config.json", tokenizer_config), ("generation_config.json", generation_config)):
-        if config is not None:
-            (folder / name).write_text(json.dumps(config))
-    return folder / "tokenizer.json"
-
-
 @pytest.fixture(scope="module")
 def builtin_sp(tmp_path_factory):  # LLaMA's SentencePiece layout, no ../shared needed
     return builtin_data.builtin_tokenizer(tmp_path_factory.mktemp("sp") / "tokenizer.model")
-
-
-@pytest.fixture(scope="module")
-def llama3_tok(tmp_path_factory):  # a LLaMA-3 tiktoken file from tiktoken's own trainer and Meta's regex
-    records = builtin_data.builtin_records(seed=0, n=120)
-    text = "\n".join(m["content"] + " " + m.get("input", "") for r in records for m in r) + CORPUS
-    return Tokenizer(write_bpe(tmp_path_factory.mktemp("llama3") / "tokenizer.model", text, vocab_size=600))
 
 
 # ---------------------------------------------------------------- reading tokenizer.json

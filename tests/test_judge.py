@@ -10,12 +10,12 @@ import time
 
 import pytest
 import torch
-from conftest import ENV, ROOT, call, command, run_script
-from test_hf_tokenizer import chatml_bpe, hf_folder, llama3_tok  # noqa: F401 (fixtures)
+from conftest import ENV, ROOT, call, command, hf_folder, run_script
 
 import builtin_data
 import data
 import judge
+import winrate
 from model import ModelArgs, Transformer, load_meta, save_meta
 
 DIST_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
@@ -284,7 +284,7 @@ def rows_from(prefs, ref_lens, model_lens, **extra):
 
 def test_win_rates_by_hand():
     rows = rows_from([2, 1, 1.5, 1.75, None, 0], [10, 20, 30, 40, 50, 60], [15, 5, 30, 70, 10, 60])
-    e = judge.win_rates(rows, "m")
+    e = winrate.win_rates(rows, "m")
     p = [1, 0, 0.5, 0.75, 0.5]  # None left out, the legacy 0 is a tie
     mean = sum(p) / 5
     sd = math.sqrt(sum((x - mean) ** 2 for x in p) / 4)
@@ -316,16 +316,16 @@ def test_length_alone_gives_lc_50():
     model = (torch.rand(600, generator=g) * 900 + 200).long().tolist()  # mostly longer
     d = torch.tensor([a - b for a, b in zip(ref, model)], dtype=torch.float64)
     p = torch.sigmoid(-1.5 * torch.tanh(d / d.std()))  # the longer answer wins, nothing else matters
-    e = judge.win_rates(rows_from((1 + p).tolist(), ref, model), "m")
+    e = winrate.win_rates(rows_from((1 + p).tolist(), ref, model), "m")
     assert e["win_rate"] > 60 and abs(e["lc_win_rate"] - 50) < 1e-6
     hard = (torch.rand(600, generator=g) < p).double()  # the same as hard labels: 50 within the noise
-    e = judge.win_rates(rows_from((1 + hard).tolist(), ref, model), "m")
+    e = winrate.win_rates(rows_from((1 + hard).tolist(), ref, model), "m")
     assert e["win_rate"] > 60 and abs(e["lc_win_rate"] - 50) < 2.5 * e["lc_standard_error"]
 
 
 def test_equal_length_differences_are_one_line():
     with pytest.raises(judge.UserError, match="sd of the length difference 0"):
-        judge.win_rates(rows_from([1.2, 1.8, 1.4], [10, 20, 30], [15, 25, 35]), "m")
+        winrate.win_rates(rows_from([1.2, 1.8, 1.4], [10, 20, 30], [15, 25, 35]), "m")
 
 
 def test_paired_difference_uses_the_same_resamples():
@@ -334,9 +334,9 @@ def test_paired_difference_uses_the_same_resamples():
     a_len = (torch.rand(300, generator=g) * 300 + 50).long().tolist()
     pa = (1 + torch.rand(300, generator=g)).tolist()
     rows_a = rows_from(pa, ref, a_len)
-    same = judge.paired(rows_a, rows_a)
+    same = winrate.paired(rows_a, rows_a)
     assert same["win_rate"] == 0 and same["win_rate_ci95"] == [0, 0] and same["lc_win_rate_ci95"] == [0, 0]
-    board = judge.leaderboard({"a": rows_a, "b": rows_from([min(2, x + 0.1) for x in pa], ref, a_len)})
+    board = winrate.leaderboard({"a": rows_a, "b": rows_from([min(2, x + 0.1) for x in pa], ref, a_len)})
     diff = board["a"]["minus"]["b"]
     assert math.isclose(diff["win_rate"], board["a"]["win_rate"] - board["b"]["win_rate"])
     assert diff["win_rate_ci95"][0] <= diff["win_rate"] <= diff["win_rate_ci95"][1] < 0
@@ -347,11 +347,11 @@ def test_published_figures(shared, tmp_path):
     folder = shared / "data" / "alpaca_eval_annotations"
     for name, win, se, lc, lc_se in (("alpaca-7b__alpaca_eval_gpt4", 26.460, 1.536, 25.678, 1.7),
                                      ("alpaca-7b__weighted_alpaca_eval_gpt4_turbo", 2.591, 0.487, 19.835, 4.1)):
-        e = judge.win_rates(judge.read_annotations(folder / f"{name}.json"), name)
+        e = winrate.win_rates(judge.read_annotations(folder / f"{name}.json"), name)
         assert e["n_total"] == 805 and abs(e["win_rate"] - win) < 5e-4 and abs(e["standard_error"] - se) < 5e-4
         assert abs(e["lc_win_rate"] - lc) < 5e-4 and abs(e["lc_standard_error"] - lc_se) < 0.15 * lc_se
         assert abs(e["avg_length"] - 396.3) < 0.05
-    e = judge.win_rates(judge.read_annotations(folder / "alpaca-7b__alpaca_eval_gpt4.json"), "gpt4")
+    e = winrate.win_rates(judge.read_annotations(folder / "alpaca-7b__alpaca_eval_gpt4.json"), "gpt4")
     assert (e["n_wins"], e["n_draws"]) == (205, 16)
     r = run_judge("--annotations", folder / "alpaca-7b__alpaca_eval_gpt4.json", "--out", tmp_path / "re")
     assert r.returncode == 0, r.stderr
@@ -362,7 +362,7 @@ def test_published_figures(shared, tmp_path):
 def test_agreement_by_hand():
     rows = rows_from([2, 1, 1.5, 2, 1], [10, 50, 10, 90, 30], [40, 20, 10, 30, 60])
     ours = [1.9, 1.3, 1.6, 1.2, None]
-    r = judge.agreement(rows, ours)
+    r = winrate.agreement(rows, ours)
     # decisive in both: rows 0 (agree), 1 (agree), 3 (disagree); row 2 is a published tie, row 4 not judged
     assert r["n"] == 4 and r["n_decisive"] == 3 and math.isclose(r["agreement"], 2 / 3)
     assert math.isclose(r["soft_agreement"], (0.9 + 0.7 + 0.9 + 0.2) / 4)

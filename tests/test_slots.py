@@ -8,7 +8,7 @@ import time
 
 import pytest
 import torch
-from conftest import ENV, ROOT, command, one_error_line, tiny_model
+from conftest import ENV, ROOT, command, one_error_line, tiny_model, uneven_prompts
 
 import builtin_data
 import precision
@@ -16,15 +16,6 @@ import sample
 from bench import generate as bench_generate
 from model import save_meta
 from sample import fill_slots, generate
-
-
-def uneven_prompts(n=23, vocab=97, seed=0):
-    """Prompts of 1 to ~60 tokens and budgets of 1 to 40: slots free up at very different steps."""
-    g = torch.Generator().manual_seed(seed)
-    lens = [1 + int(x) for x in torch.randint(0, 60, (n,), generator=g)]
-    prompts = [[1] + torch.randint(3, vocab, (n - 1,), generator=g).tolist() for n in lens]
-    budgets = [1 + int(x) for x in torch.randint(0, 40, (n,), generator=g)]
-    return prompts, budgets
 
 
 def test_fill_slots_takes_pending_prompts_in_order():
@@ -100,7 +91,7 @@ def cli(tmp_path_factory):
 
 def sample_args(root, ckpt, out, *extra):
     return ["--ckpt", str(ckpt), "--prompts", str(root / "prompts.json"), "--out", str(out), "--max-new-tokens",
-            "12", "--batch-size", "3", "--dtype", "fp32", *extra]
+            "12", "--batch-size", "3", "--dtype", "fp32", "--template", "alpaca", *extra]
 
 
 def test_dtype_by_measurement_and_override(cli, tmp_path, monkeypatch, capsys):
