@@ -1,6 +1,7 @@
 """The built-in demo data, made on the spot so that train.py runs with no download: short tasks with
 checkable answers ("tasks", the default demo), invented people's facts that no prompt gives away
-("facts", Figure 4 on a CPU), and a small SentencePiece tokenizer in LLaMA's layout trained on them.
+("facts", Figure 4 on a CPU), a small SentencePiece tokenizer in LLaMA's layout trained on them, and
+the exact-match score of a model's greedy answers to held-out tasks (OUT/accuracy.json).
 
     torchrun --standalone --nproc_per_node=2 train.py --alpha 5     # the demo: trains on the "tasks"
     python train.py --recipe fig4 --alpha 0 5 --out out/fig4          # Figure 4 on the "facts"
@@ -10,10 +11,12 @@ import random
 from pathlib import Path
 
 import sentencepiece as spm
+import torch
 
+import sample
 from checks import atomic
-from data import render
-from model import Tokenizer
+from data import IGNORE, render
+from model import Tokenizer, load_meta
 
 WORDS = ("apple river green house music paper stone cloud happy quick light table water blue horse "
          "window garden silver orange yellow summer winter bread chair tiger ocean small bright "
@@ -97,3 +100,45 @@ def builtin_tokenizer(path, seed=0, vocab_size=1000, kind="tasks"):
     with atomic(path) as tmp:  # a crash never leaves a half-written tokenizer behind
         tmp.write_bytes(model.getvalue())
     return Tokenizer(path)
+
+
+# ---------------------------------------------------------------- what the demo gets right
+
+def is_exact(answer, reference):
+    """Equal up to spaces at either end. An answer of None (cut off by the token budget, so never
+    finished) is wrong."""
+    return answer is not None and answer.strip() == reference.strip()
+
+
+def exact_match(answers, references):
+    return sum(map(is_exact, answers, references)) / len(references)
+
+
+def exact_match_answers(model, tok, examples, batch_size=64):
+    """Greedy answers (no repetition penalty: a sorted list repeats digits) to tokenized examples'
+    prompts, scored against their training answers: how train.py reports what the demo model gets
+    right on its held-out built-in tasks. A prompt is an example's ids before its first labelled
+    token; the reference is the labelled rest, EOS dropped."""
+    prompts, refs = [], []
+    for x in examples:
+        start = next(i for i, label in enumerate(x["labels"]) if label != IGNORE)
+        prompts.append(x["input_ids"][:start])
+        refs.append([t for t in x["input_ids"][start:] if t != tok.eos_id])
+    budgets = [len(r) + 8 for r in refs]  # room for another tokenization of the same text
+    answers = []
+    for b in range(0, len(prompts), batch_size):
+        new = sample.generate(model, prompts[b:b + batch_size], budgets[b:b + batch_size], eos_id=tok.eos_id)
+        answers += [tok.decode(n) if len(n) < budget else None for n, budget in zip(new, budgets[b:b + batch_size])]
+    references = [tok.decode(r) for r in refs]
+    rows = [{"prompt": tok.decode(p), "answer": a, "reference": r, "correct": is_exact(a, r)}
+            for p, a, r in zip(prompts, answers, references)]
+    return {"exact_match": exact_match(answers, references), "n": len(rows), "answers": rows}
+
+
+def write_accuracy(ckpt_dir, tok, examples, path, device):
+    """exact_match_answers of the checkpoint in ckpt_dir on `device` (bf16 on a GPU, as trained there),
+    written to `path` as JSON; returns the exact-match fraction."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    answers = exact_match_answers(load_meta(ckpt_dir, dtype=dtype, device=device), tok, examples)
+    sample.write_json_atomic(path, answers)
+    return answers["exact_match"]

@@ -189,46 +189,6 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     return answers
 
 
-def is_exact(answer, reference):
-    """Equal up to spaces at either end. An answer of None (cut off by the token budget, so never
-    finished) is wrong."""
-    return answer is not None and answer.strip() == reference.strip()
-
-
-def exact_match(answers, references):
-    return sum(map(is_exact, answers, references)) / len(references)
-
-
-def exact_match_answers(model, tok, examples, batch_size=64):
-    """Greedy answers (no repetition penalty: a sorted list repeats digits) to tokenized examples'
-    prompts, scored against their training answers: how train.py reports what the demo model gets
-    right on its held-out built-in tasks. A prompt is an example's ids before its first labelled
-    token; the reference is the labelled rest, EOS dropped."""
-    prompts, refs = [], []
-    for x in examples:
-        start = next(i for i, label in enumerate(x["labels"]) if label != data.IGNORE)
-        prompts.append(x["input_ids"][:start])
-        refs.append([t for t in x["input_ids"][start:] if t != tok.eos_id])
-    budgets = [len(r) + 8 for r in refs]  # room for another tokenization of the same text
-    answers = []
-    for b in range(0, len(prompts), batch_size):
-        new = generate(model, prompts[b:b + batch_size], budgets[b:b + batch_size], eos_id=tok.eos_id)
-        answers += [tok.decode(n) if len(n) < budget else None for n, budget in zip(new, budgets[b:b + batch_size])]
-    references = [tok.decode(r) for r in refs]
-    rows = [{"prompt": tok.decode(p), "answer": a, "reference": r, "correct": is_exact(a, r)}
-            for p, a, r in zip(prompts, answers, references)]
-    return {"exact_match": exact_match(answers, references), "n": len(rows), "answers": rows}
-
-
-def write_accuracy(ckpt_dir, tok, examples, path, device):
-    """exact_match_answers of the checkpoint in ckpt_dir on `device` (bf16 on a GPU, as trained there),
-    written to `path` as JSON; returns the exact-match fraction."""
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    answers = exact_match_answers(llama.load_meta(ckpt_dir, dtype=dtype, device=device), tok, examples)
-    write_json_atomic(path, answers)
-    return answers["exact_match"]
-
-
 class TextStream:
     """Prints generated tokens as text while they come. Decoding one piece at a time is wrong twice over:
     SentencePiece drops a piece's leading space when it starts the text, and a byte-fallback character

@@ -31,7 +31,6 @@ import checkpoint as ckpt
 import data
 import plots
 import qlora
-import sample
 from checks import RunLock, UserError, run_main
 from data import IGNORE
 from model import Tokenizer, Transformer, find_tokenizer
@@ -336,7 +335,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
     export = torch.float32 if args.export_dtype == "fp32" else torch.bfloat16
     ckpt.export_final(out, model, tok_path, rank, export, lora_cfg, export_hf=args.export_hf, template=args.template)
     if not args.data and args.builtin == "tasks" and rank == 0:  # checkable answers: what does the model get right?
-        score = sample.write_accuracy(out / "final", tok, held_out, out / "accuracy.json", device)
+        score = builtin_data.write_accuracy(out / "final", tok, held_out, out / "accuracy.json", device)
         log(f"exact match of greedy answers on {len(held_out)} held-out built-in tasks: {score:.1%}")
     if rank == 0:
         plots.write_curves(out, [(alpha, kind, out)])

@@ -16,6 +16,7 @@ import torch
 
 import data
 import sample
+from bench.decode import sync
 from precision import choose_dtype
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -140,7 +141,6 @@ def bench_slots(cfg, device, dtype_name, n_prompts, batch_size, new_tokens, comp
     """The same comparison on a random model of any shape (the GPU's decode measurement): n_prompts of
     8-64 tokens with budgets spread over 1..new_tokens, as uneven as real answers, decoded in slots and
     in static batches of batch_size (compiled where compile), sequentially; tokens/s of wall time."""
-    from bench_decode import sync
 
     from model import ModelArgs, Transformer
     g = torch.Generator().manual_seed(0)

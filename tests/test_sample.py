@@ -337,7 +337,7 @@ def test_sampling_at_temperature_half_matches_the_tempered_softmax():
 def test_exact_match_by_hand():
     answers = ["3 + 4 = 7", " 1, 2, 3\n", None, "yes", "5 - 2 = 4"]
     refs = ["3 + 4 = 7", "1, 2, 3", "12", "no", "5 - 2 = 3"]
-    assert sample.exact_match(answers, refs) == 2 / 5  # right: the first two (ends' spaces ignored)
+    assert builtin_data.exact_match(answers, refs) == 2 / 5  # right: the first two (ends' spaces ignored)
 
 
 def test_exact_match_answers_on_examples(tmp_path):
@@ -355,7 +355,7 @@ def test_exact_match_answers_on_examples(tmp_path):
     calls = []
     m.output.register_forward_hook(lambda mod, inp, out: calls.append(1) or torch.nn.functional.one_hot(
         torch.full(out.shape[:-1], script[min(len(calls), len(script)) - 1]), out.shape[-1]).float())
-    r = sample.exact_match_answers(m, tok, examples)
+    r = builtin_data.exact_match_answers(m, tok, examples)
     assert [a["answer"] for a in r["answers"]] == ["2", "2"] and [a["reference"] for a in r["answers"]] == ["2",
                                                                                                             "2 + 2 = 4"]
     assert r["exact_match"] == 0.5 and [a["correct"] for a in r["answers"]] == [True, False]
