@@ -410,10 +410,14 @@ def run(argv):
     if len(todo) < len(ids):
         print(f"continuing {partial.path}: {len(ids) - len(todo)} of {len(ids)} answers were done", file=sys.stderr)
     bar = tqdm(total=len(ids), initial=len(ids) - len(todo), desc="generating", unit="answer")
+    at_budget = []  # answers cut by the token budget, not ended by the model: often the longest, and repetitive
 
     def finished(j, new):  # written as it comes: a killed run loses only the answers under way
         answers[todo[j]] = tok.decode(new)
         partial.add({"index": todo[j], "output": answers[todo[j]]})
+        if len(new) == budgets[todo[j]]:
+            at_budget.append(todo[j])
+            bar.set_postfix(at_budget=len(at_budget))
         bar.update()
     generate(model, [ids[i] for i in todo], [budgets[i] for i in todo], **settings, batch_size=a.batch_size,
              on_answer=finished)
@@ -432,7 +436,8 @@ def run(argv):
     except OSError as e:
         raise UserError(f"{a.out}: {e.strerror or e}") from None
     partial.path.unlink()
-    print(f"wrote {len(outputs)} answers to {a.out}", file=sys.stderr)
+    print(f"wrote {len(outputs)} answers to {a.out} ({len(at_budget)} of them stopped by the token budget "
+          "in this run)", file=sys.stderr)
 
 
 def main(argv=None):

@@ -11,6 +11,7 @@ import torch
 from conftest import ENV, ROOT, command, one_error_line, tiny_model, uneven_prompts
 
 import builtin_data
+import data
 import precision
 import sample
 from bench import generate as bench_generate
@@ -108,6 +109,20 @@ def test_dtype_by_measurement_and_override(cli, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(precision, "matmul_flops", lambda: (100e9, 900e9))  # bf16 would win: --dtype decides
     assert sample.main(sample_args(root, ckpt, tmp_path / "o.json")) == 0
     assert loaded[-1] == torch.float32 and "dtype: fp32 (--dtype)" in capsys.readouterr().err
+
+
+def test_the_answers_the_budget_stopped_are_counted(cli, tmp_path, capsys):
+    root, ckpt = cli
+    assert sample.main(sample_args(root, ckpt, tmp_path / "o.json")) == 0
+    # the same answers one prompt at a time: those of exactly --max-new-tokens (12) tokens were cut by it
+    model, tok = sample.load(ckpt, torch.float32, "cpu")
+    records = json.loads((root / "prompts.json").read_text())
+    alone = [generate(model, [data.prompt_ids([sample.user_message(r)], tok, "alpaca")], 12,
+                      repetition_penalty=1.2, eos_id=tok.stop_ids)[0] for r in records]
+    cut = sum(len(a) == 12 for a in alone)
+    assert cut > 0  # a random tiny model seldom ends an answer itself
+    assert f"wrote 12 answers to {tmp_path / 'o.json'} ({cut} of them stopped by the token budget" in \
+        capsys.readouterr().err
 
 
 def test_ctrl_c_then_the_same_command_continues(cli, tmp_path, monkeypatch, capsys):
