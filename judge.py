@@ -23,10 +23,10 @@ import checkpoint as ckpt
 import data
 import plots
 import winrate
-from checks import ArgumentParser, DataError, RunLock, UserError, atomic, number, run_main, writable_folder
+from checks import ArgumentParser, DataError, UserError, atomic, number, run_main, writable_folder
 from precision import choose_dtype
 from tokenizer import Tokenizer, find_tokenizer
-from train import all_sum, setup_distributed
+from train import acquire_lock, setup_distributed
 
 LABELS = ("A", "B")  # (label of output_1, label of output_2): one token each in LLaMA, LLaMA-3 and ChatML vocabularies
 SYSTEM = ("You judge the answers of AI assistants. Given an instruction and two answers to it, you name the "
@@ -294,14 +294,7 @@ def run_judge(a, tok, forms, init, prompts, out):
     lock = None
     try:
         rank, world, device, mesh = setup_distributed(a.device)
-        error = None
-        if rank == 0:
-            try:
-                lock = RunLock(out).acquire()
-            except UserError as e:
-                error = e
-        if all_sum(error is not None, device=device)[0]:
-            raise error or UserError("")
+        lock = acquire_lock(out, rank, device)
         settings = out / "judge_settings.json"  # a continued run keeps its dtype: the cache's keys hold it
         if a.dtype is None and settings.is_file():
             dtype_name, why = json.loads(settings.read_text())["dtype"], f"kept from {settings}"

@@ -74,6 +74,19 @@ def all_sum(*xs, device):
     return t.tolist()
 
 
+def acquire_lock(out, rank, device):
+    """OUT/.lock, taken by rank 0 (checks.RunLock); if it cannot be, every rank stops and rank 0 says why."""
+    lock = error = None
+    if rank == 0:
+        try:
+            lock = RunLock(out).acquire()
+        except UserError as e:
+            error = e
+    if all_sum(error is not None, device=device)[0]:
+        raise error or UserError("")
+    return lock
+
+
 # ----------------------------------------------------------------------------- data
 
 def build_data(args, tok_dir, verbose):
@@ -390,14 +403,7 @@ def run(argv):
             return check_only(args, tok_dir)
         rank, world, device, mesh = setup_distributed(args.device)
         out = check_before_writing(args, world)
-        lock_error = None
-        if rank == 0:
-            try:
-                lock = RunLock(out).acquire()
-            except UserError as e:
-                lock_error = e
-        if all_sum(lock_error is not None, device=device)[0]:  # every rank stops, only rank 0 says why
-            raise lock_error or UserError("")
+        lock = acquire_lock(out, rank, device)
 
         def log(*a):
             if rank == 0:
