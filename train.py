@@ -11,7 +11,6 @@ import json
 import math
 import os
 import shutil
-import socket
 import sys
 import tempfile
 import time
@@ -45,24 +44,20 @@ def setup_distributed(want):
     one code path (FSDP2 needs a process group even on one rank). CUDA only where every process of
     this node gets its own GPU, else one line naming both numbers (checked on every rank alike, so
     rank 0, the one that speaks, says it). -> rank, world, device, the device mesh for fully_shard."""
-    if "RANK" not in os.environ:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", LOCAL_WORLD_SIZE="1",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    # without torchrun, a world of one that meets in memory: no port to pick that another process could take
+    group = dict(store=dist.HashStore(), rank=0, world_size=1) if "RANK" not in os.environ else {}
     want = want or ("cuda" if torch.cuda.is_available() else "cpu")
     if want == "cuda":
         gpus, procs = torch.cuda.device_count(), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
         if procs > gpus:
             raise UserError(f"{procs} processes on this node but {gpus} CUDA device(s): start at most {gpus} "
                             f"(torchrun --nproc_per_node) or pass --device cpu")
-        device = torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        dist.init_process_group("nccl", device_id=device, **group)
     else:
         device = torch.device("cpu")
-        dist.init_process_group("gloo")
+        dist.init_process_group("gloo", **group)
     # an explicit mesh: fully_shard's default follows the accelerator, a CUDA mesh over a gloo group
     return dist.get_rank(), dist.get_world_size(), device, init_device_mesh(device.type, (dist.get_world_size(),))
 
