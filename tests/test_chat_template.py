@@ -77,12 +77,17 @@ def llama3(tmp_path_factory):
 CASES = [[USER], [SYSTEM, USER], CHAT[:3], [SYSTEM, *CHAT[:3]]]
 
 
-@pytest.mark.parametrize("name", ["chatml", "llama3"])
-def test_prompt_ids_are_transformers(name, request):
+def with_reference(name, request):
+    """(transformers' tokenizer, ours, our template) of the fixture folder `name`; skipped without transformers."""
     transformers = pytest.importorskip("transformers")
     folder = request.getfixturevalue(name)
     ref = transformers.AutoTokenizer.from_pretrained(folder)
-    tok, template = Tokenizer(folder / "tokenizer.json"), data.pick_template(folder, None)
+    return ref, Tokenizer(folder / "tokenizer.json"), data.pick_template(folder, None)
+
+
+@pytest.mark.parametrize("name", ["chatml", "llama3"])
+def test_prompt_ids_are_transformers(name, request):
+    ref, tok, template = with_reference(name, request)
     assert isinstance(template, ChatTemplate)
     for messages in CASES:
         want = ref.apply_chat_template(messages, add_generation_prompt=True, return_dict=False)
@@ -93,10 +98,7 @@ def test_prompt_ids_are_transformers(name, request):
 
 @pytest.mark.parametrize("name", ["chatml", "llama3"])
 def test_conversation_ids_are_transformers_and_only_answers_are_trained(name, request):
-    transformers = pytest.importorskip("transformers")
-    folder = request.getfixturevalue(name)
-    ref = transformers.AutoTokenizer.from_pretrained(folder)
-    tok, template = Tokenizer(folder / "tokenizer.json"), data.pick_template(folder, None)
+    ref, tok, template = with_reference(name, request)
     end = tok.special_ids["<|im_end|>" if name == "chatml" else "<|eot_id|>"]
     for messages in (CHAT, [SYSTEM, *CHAT], CHAT[:2]):
         ids, labels, truncated = data.tokenize(messages, tok, template, max_len=10_000)
