@@ -84,6 +84,15 @@ def writable_folder(flag, path):
         raise UserError(f"{path}: {flag} is not writable (no write permission on {existing})")
 
 
+def make_folder(flag, path):
+    """mkdir -p, or one line: root passes every permission check, so a folder the system refuses (/proc/x)
+    is only found out here."""
+    try:
+        Path(path).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise UserError(f"{path}: {flag} cannot be created ({e.strerror or e})") from None
+
+
 def writable_file(flag, path, overwrite=False):
     """A file we will write at the end of a long job: check now that it can be, and refuse to replace
     an existing one unless asked to (an hours-long result is not lost to a forgotten --out)."""
@@ -220,10 +229,7 @@ class RunLock:
 
     def acquire(self):
         self.made_folder = not self.path.parent.exists()
-        try:  # the run's first write: a folder the checks let through can still be refused here
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"{self.path.parent}: --out cannot be created ({e.strerror or e})") from None
+        make_folder("--out", self.path.parent)  # the run's first write: the checks let it through, the system may not
         try:
             fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:

@@ -23,7 +23,17 @@ import checkpoint as ckpt
 import data
 import plots
 import winrate
-from checks import ArgumentParser, DataError, UserError, atomic, number, run_main, writable_folder
+from checks import (
+    ArgumentParser,
+    DataError,
+    UserError,
+    atomic,
+    make_folder,
+    number,
+    read_json,
+    run_main,
+    writable_folder,
+)
 from precision import choose_dtype
 from tokenizer import Tokenizer, find_tokenizer
 from train import acquire_lock, setup_distributed
@@ -86,7 +96,7 @@ def label_forms(tok, labels=None):
 def read_outputs(path):
     """An AlpacaEval outputs file -> (generator, [(instruction, output)]). The generator is the records'
     own name, else the file's stem."""
-    records = data.read_json(path)
+    records = read_json(path, DataError, expect=list, jsonl=True)
     if not records:
         raise DataError(f"{path}: no records")
     rows = []
@@ -241,7 +251,7 @@ def write_json(path, obj):
 
 def write_board(out, by_generator, note=""):
     board = winrate.leaderboard(by_generator)
-    out.mkdir(parents=True, exist_ok=True)
+    make_folder("--out", out)
     write_json(out / "leaderboard.json", board)
     with atomic(out / "leaderboard.md") as tmp:
         tmp.write_text(winrate.leaderboard_md(board, note))
@@ -336,7 +346,7 @@ def annotation_rows(pairs, prompts, probs, generator_1, generator_2, annotator):
 
 
 def read_annotations(path, limit=None):
-    rows = data.read_json(path)[:limit]
+    rows = read_json(path, DataError, expect=list, jsonl=True)[:limit]
     if not rows:
         raise DataError(f"{path}: no records")
     for i, r in enumerate(rows):

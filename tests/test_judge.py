@@ -409,3 +409,13 @@ def test_prompt_ids_equal_transformers_apply_chat_template(chatml_bpe, llama3_to
             theirs = theirs["input_ids"] if hasattr(theirs, "keys") else theirs
             assert data.prompt_ids(messages, tok, template) == list(theirs), (template, instruction)
 
+
+
+def test_an_out_the_system_refuses_is_one_line(tmp_path, capsys):
+    # root passes every permission check, so /proc is found out only at the first write: still one line
+    rows = [{"instruction": f"q{i}", "output_1": "a" * (i + 1), "output_2": "b" * (3 * i + 1), "generator_2": "m",
+             "preference": 1.0 + i / 4} for i in range(4)]
+    (tmp_path / "ann.json").write_text(json.dumps(rows))
+    assert judge.main(["--annotations", str(tmp_path / "ann.json"), "--out", "/proc/neftune-judged"]) == 2
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("judge.py: error: /proc/neftune-judged: --out ") and "\n" not in line, line
