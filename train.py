@@ -326,7 +326,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         tokens_seen += n_tok
         speeds.append(n_tok / dt)
         record = dict(step=step, epoch=round(step / epoch_steps, 4), lr=lr, loss=train_loss, grad_norm=grad_norm,
-                      tokens=int(tokens_seen), tokens_per_s=round(n_tok / dt, 1))
+                      tokens=int(tokens_seen), tokens_per_s=round(n_tok / dt, 1), step_s=round(dt, 3))
         if step % args.eval_every == 0 or step == total_steps:
             record |= clean_losses(step)
         if rank == 0 and (step % args.log_every == 0 or "eval_loss" in record):

@@ -170,7 +170,7 @@ def bench_slots(cfg, device, dtype_name, n_prompts, batch_size, new_tokens, comp
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", required=True, help="a Hugging Face folder (SmolLM2-135M-Instruct)")
-    p.add_argument("--prompts", default=str(Path(__file__).resolve().parent.parent / "shared" / "data" /
+    p.add_argument("--prompts", default=str(Path(__file__).resolve().parents[2] / "shared" / "data" /
                                              "alpaca_eval_instructions.json"))
     p.add_argument("--n", type=int, default=48, help="the first N instructions (default: 48)")
     p.add_argument("--template", default="chatml")
