@@ -7,7 +7,6 @@ that AlpacaEval reads, resumably: the same command after Ctrl-C or kill -9 conti
 import argparse
 import hashlib
 import json
-import os
 import sys
 from collections import deque
 from contextlib import contextmanager
@@ -296,12 +295,12 @@ class Partial:
         self.header = {"dtype": dtype, "key": key}
 
     def add(self, answer):
-        """Append one answer ({"index", "output"}), after the header when the file is new; on disk at once."""
+        """Append one answer ({"index", "output"}), after the header when the file is new. Written through
+        to the kernel at once, so a killed process loses nothing; not fsync'd: the fsyncs held ~4% of an
+        805-answer run's wall time (py-spy's samples), and only a crash of the machine loses unsynced lines."""
         lines = [answer] if self.path.exists() and self.path.stat().st_size else [self.header, answer]
         with open(self.path, "a", encoding="utf-8") as f:
             f.write("".join(json.dumps(x, ensure_ascii=False) + "\n" for x in lines))
-            f.flush()
-            os.fsync(f.fileno())
 
 
 def answers_key(ckpt, ids, budgets, settings, dtype):
