@@ -310,6 +310,7 @@ def gathered_state(model, rank, dtype, lora_cfg=None):
             continue
         full = p.full_tensor() if isinstance(p, DTensor) else p
         if rank != 0:
+            qlora.wait_gathered(full)  # dropped unused, an NF4 all-gather's parts would stay until exit
             continue
         stem = key.rsplit(".", 1)[0]
         if lora_cfg and f"{stem}.lora_a" in sd:  # an adapted linear: weight, lora_a, lora_b, in this order

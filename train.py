@@ -28,7 +28,6 @@ from tqdm import tqdm
 import builtin_data
 import checkpoint as ckpt
 import data
-import plots
 import qlora
 from checks import RunLock, UserError, run_main
 from data import IGNORE
@@ -346,6 +345,7 @@ def train_one(args, out, tok_dir, alpha, kind, rank, world, device, mesh, log=pr
         score = builtin_data.write_accuracy(out / "final", tok, held_out, out / "accuracy.json", device)
         log(f"exact match of greedy answers on {len(held_out)} held-out built-in tasks: {score:.1%}")
     if rank == 0:
+        import plots  # here, not at the top: matplotlib is 24 MB of every worker's memory, and only rank 0 draws
         plots.write_curves(out, [(alpha, kind, out)])
         log(f"wrote {out / 'final'} (sample.py --ckpt {out / 'final'})"
             + (f", {out / 'final_hf'}" if args.export_hf else "") + f", {out / 'log.jsonl'}, {out / 'curves.png'}"
@@ -416,6 +416,7 @@ def run(argv):
             results.append(train_one(args, run_out, tok_dir, alpha, kind, rank, world, device, mesh, log)
                            | {"dir": run_out})
         if len(runs) > 1 and rank == 0:
+            import plots  # only rank 0 draws (train_one says why here)
             plots.write_sweep(out, results)
             plots.write_curves(out, [(r["alpha"], r["noise"], r["dir"]) for r in results])
             log((out / "sweep.md").read_text() + f"wrote {out / 'sweep.md'} and {out / 'curves.png'}")

@@ -264,7 +264,7 @@ def sampled_run(cmd, every=0.02, env=None):
     seconds, stderr's tail). Sampling every 20 ms: a short spike could slip between two samples."""
     peaks, t0 = {}, time.perf_counter()
     with tempfile.TemporaryFile("w+") as err:
-        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=Path(__file__).resolve().parent,
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=err, cwd=Path(__file__).resolve().parents[1],
                              env=dict(os.environ, OMP_NUM_THREADS="1", **(env or {})))
         ranks = {}
         while p.poll() is None:
