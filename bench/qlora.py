@@ -43,7 +43,8 @@ def qlora_memory(cfg=memory.INIT_CFG, work="/tmp/neftune_bench_qlora", nproc=2, 
     configuration of init_memory), LoRA rank 8 with --act-ckpt: each worker's peak RssAnon from start
     to exit, against its NF4 shard (goal: at most 1.3 x (0.53 bytes per parameter / ranks) + 0.45 GB;
     rank 0 may add the bf16 export it gathers), under glibc's default allocator and with
-    MALLOC_MMAP_THRESHOLD_=65536 (init_memory says why). Then --resume, which quantizes the base again."""
+    MALLOC_MMAP_THRESHOLD_=65536 (init_memory says why). Then --resume from the first run's middle
+    checkpoint, which quantizes the base again."""
     import builtin_data
     work = Path(work)
     work.mkdir(parents=True, exist_ok=True)
@@ -64,7 +65,9 @@ def qlora_memory(cfg=memory.INIT_CFG, work="/tmp/neftune_bench_qlora", nproc=2, 
              micro_batch, "--max-len", seq_len, "--eval-examples", 4, "--eval-every", 1000, "--save-every", steps]
     for allocator, env in (("glibc_default", {}), ("mmap_threshold_64k", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
         shutil.rmtree(run_dir, ignore_errors=True)
-        for name, extra in (("first", ["--max-steps", steps]), ("resume", ["--max-steps", 2 * steps, "--resume"])):
+        # the first run saves a checkpoint at step `steps` and goes on to 2 x steps; --resume then reads that
+        # checkpoint (adapters and AdamW state), quantizes the base again and repeats steps + 1 .. 2 x steps
+        for name, extra in (("first", ["--max-steps", 2 * steps]), ("resume", ["--max-steps", 2 * steps, "--resume"])):
             peaks, seconds, _ = memory.sampled_run(memory.torchrun(nproc, *flags, *extra), env=env)
             r = {f"rank{r}_peak_rss_anon_gb": round(b / 1e9, 3) for r, b in sorted(peaks.items())}
             r |= {f"rank{r}_meets_goal": b / 1e9 <= out["goal_gb"] for r, b in sorted(peaks.items())}
