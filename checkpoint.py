@@ -184,7 +184,7 @@ def build_model(args, init, vocab_size, device, mesh, dtype):
 def check_finite(model, out, what):
     """Non-finite weights are never written: a diverged run would export NaNs that sample.py turns
     into "⁇ ⁇ ⁇". Each rank checks its own shards; the verdict is summed over ranks."""
-    bad = sum(int(not torch.isfinite(qlora.dense(local(p))).all()) for p in model.parameters())  # NF4: dequantized
+    bad = sum(int(not qlora.finite(local(p))) for p in model.parameters())
     bad = torch.tensor(bad, device=next(model.parameters()).device)
     dist.all_reduce(bad)
     if bad.item():

@@ -119,6 +119,15 @@ def dense(t):
     return t.get_original_weight() if is_nf4(t) else t
 
 
+def finite(t):
+    """Whether every value of t is finite; for NF4 without dequantizing it (a temporary 7x the weight's
+    bf16 size, through int64 codes): an NF4 value is one of 16 constants in [-1, 1] times its block's
+    scaler, so the weight is finite where its block scalers are."""
+    if is_nf4(t):
+        t = t.dequantize_scalers(t.quantized_scalers, t.quantization_factor, t.scaler_block_size)
+    return bool(torch.isfinite(t).all())
+
+
 def wait_gathered(t):
     """Wait for the parts of an NF4 tensor that DTensor.full_tensor all-gathered; anything else is left
     alone (its all-gather has been waited for). torchao gathers an NF4 tensor's three inner tensors as

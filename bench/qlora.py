@@ -65,9 +65,10 @@ def qlora_memory(cfg=memory.INIT_CFG, work="/tmp/neftune_bench_qlora", nproc=2, 
              micro_batch, "--max-len", seq_len, "--eval-examples", 4, "--eval-every", 1000, "--save-every", steps]
     for allocator, env in (("glibc_default", {}), ("mmap_threshold_64k", {"MALLOC_MMAP_THRESHOLD_": "65536"})):
         shutil.rmtree(run_dir, ignore_errors=True)
-        # the first run saves a checkpoint at step `steps` and goes on to 2 x steps; --resume then reads that
-        # checkpoint (adapters and AdamW state), quantizes the base again and repeats steps + 1 .. 2 x steps
-        for name, extra in (("first", ["--max-steps", 2 * steps]), ("resume", ["--max-steps", 2 * steps, "--resume"])):
+        # the first run saves a checkpoint at step `steps` and goes on to 2 x steps; --resume with a longer
+        # run (a finished one would just stop) reads that checkpoint (adapters and AdamW state), quantizes
+        # the base again and trains steps + 1 .. 3 x steps
+        for name, extra in (("first", ["--max-steps", 2 * steps]), ("resume", ["--max-steps", 3 * steps, "--resume"])):
             peaks, seconds, _ = memory.sampled_run(memory.torchrun(nproc, *flags, *extra), env=env)
             r = {f"rank{r}_peak_rss_anon_gb": round(b / 1e9, 3) for r, b in sorted(peaks.items())}
             r |= {f"rank{r}_meets_goal": b / 1e9 <= out["goal_gb"] for r, b in sorted(peaks.items())}

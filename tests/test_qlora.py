@@ -27,6 +27,19 @@ def reference_nf4(w):
     return nf4.to_nf4(w.bfloat16(), qlora.BLOCK, qlora.scaler_block(w.numel() // qlora.BLOCK))
 
 
+def test_finite_without_dequantizing():
+    """qlora.finite reads an NF4 weight's block scalers only; the reference dequantizes the whole weight."""
+    def case(spoil=None):
+        t = reference_nf4(torch.randn(192, 576))
+        if spoil:
+            spoil(t)
+        return qlora.finite(t), bool(torch.isfinite(t.get_original_weight()).all())
+    assert case() == (True, True)
+    assert case(lambda t: t.quantization_factor[3:4].zero_()) == (False, False)  # one scaler block -> inf
+    assert case(lambda t: t.scaler_mean.fill_(float("nan"))) == (False, False)
+    assert qlora.finite(torch.tensor([1.0, 2.0])) and not qlora.finite(torch.tensor([1.0, float("inf")]))
+
+
 def test_scaler_block_for_shapes_torchao_refuses():
     w = torch.randn(192, 576).bfloat16()  # SmolLM2-135M's k/v projections: 1,728 scalers
     with pytest.raises(AssertionError, match="divisible"):
