@@ -114,11 +114,6 @@ def count(model):
     return quantized, len(frozen) - quantized
 
 
-def dense(t):
-    """A tensor to compute with: NF4 dequantized (by torchao), anything else as it is."""
-    return t.get_original_weight() if is_nf4(t) else t
-
-
 def finite(t):
     """Whether every value of t is finite; for NF4 without dequantizing it (a temporary 7x the weight's
     bf16 size, through int64 codes): an NF4 value is one of 16 constants in [-1, 1] times its block's
