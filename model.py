@@ -111,19 +111,24 @@ class Attention(nn.Module):
         self.wo = nn.Linear(self.n_heads * self.head_dim, args.dim, bias=False)
         self.cache = None  # a KVCache while generating (Transformer.setup_cache)
 
-    def forward(self, x, cos, sin, attn_mask, cache_pos):
+    def forward(self, x, cos, sin, attn_mask, cache_pos, blocks=None):
         B, T, _ = x.shape
         q = apply_rope(self.wq(x).view(B, T, self.n_heads, self.head_dim), cos, sin)
         k = apply_rope(self.wk(x).view(B, T, self.n_kv_heads, self.head_dim), cos, sin)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, heads, T, head_dim)
-        if cache_pos is not None:  # generating: this step's keys and values join the cache
-            k, v = self.cache.update(cache_pos, k, v)
-            n = attn_mask.shape[-1]  # the columns in use (Transformer.forward's cache_len): skip the rest
-            k, v = k[:, :, :n], v[:, :, :n]
         # GQA: query head h reads KV head h // (n_heads / n_kv_heads), inside SDPA: no repeated K/V copies
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
-                                           enable_gqa=self.n_kv_heads != self.n_heads)
+        gqa = self.n_kv_heads != self.n_heads
+        if cache_pos is None:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=attn_mask is None,
+                                               enable_gqa=gqa)
+        else:  # generating: this step's keys and values join the cache, then each block of rows (blocks:
+            # [(rows, n)], Transformer.forward's cache_len) attends to the first n columns only, those its
+            # longest row uses: decoding reads the cache from memory, so unused columns cost as much as used ones
+            k, v = self.cache.update(cache_pos, k, v)
+            y = torch.cat([F.scaled_dot_product_attention(q[r], k[r, :, :n], v[r, :, :n],
+                                                          attn_mask=attn_mask[r, ..., :n], enable_gqa=gqa)
+                           for r, n in blocks])
         return self.wo(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -155,8 +160,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, attn_mask, cache_pos):
-        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache_pos)
+    def forward(self, x, cos, sin, attn_mask, cache_pos, blocks=None):
+        h = x + self.attention(self.attention_norm(x), cos, sin, attn_mask, cache_pos, blocks)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -198,7 +203,9 @@ class Transformer(nn.Module):
         tokens of left-padded batches. positions (B, T): RoPE's (default 0..T-1 or the cache slots), restarted
         per document of a packed row (segment_ids). cache_pos (T,) or (B, T): these tokens' KV-cache slots
         while generating; cache_len: attend to the first cache_len slots only (eager decoding; a compiled
-        step keeps the full, fixed shape). head(h, output) replaces the output layer: train.py's chunked loss."""
+        step keeps the full, fixed shape), or a list of such lengths, one per block of rows (the rows cut into
+        len(cache_len) equal blocks, the last one shorter): sample.generate keeps its rows in about length order.
+        head(h, output) replaces the output layer: train.py's chunked loss."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
             h = h + noise.to(h.dtype)
@@ -206,11 +213,14 @@ class Transformer(nn.Module):
         if positions is None:
             positions = (torch.arange(T, device=h.device) if cache_pos is None else cache_pos).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.args)
-        cache = self.layers[0].attention.cache
-        keys = None if cache is None else cache_len or cache.k.shape[2]
-        attn_mask = attention_mask(T, mask, segment_ids, cache_pos, keys)
+        cache, blocks = self.layers[0].attention.cache, None
+        if cache is not None:
+            lens = list(cache_len) if isinstance(cache_len, (list, tuple)) else [cache_len or cache.k.shape[2]]
+            size = -(-B // len(lens))
+            blocks = [(slice(i * size, (i + 1) * size), n) for i, n in enumerate(lens)]
+        attn_mask = attention_mask(T, mask, segment_ids, cache_pos, None if cache is None else max(lens))
         for layer in self.layers:
-            h = layer(h, cos, sin, attn_mask, cache_pos)
+            h = layer(h, cos, sin, attn_mask, cache_pos, blocks)
         return self.output(self.norm(h)) if head is None else head(self.norm(h), self.output)
 
     def setup_cache(self, batch_size, max_len):

@@ -26,6 +26,7 @@ from precision import choose_dtype
 # repetition_penalty=1.2, max_length=1024): greedy, penalty 1.2, 1024 tokens counting the prompt.
 MAX_LENGTH = 1024
 REPETITION_PENALTY = 1.2
+ROWS_PER_BLOCK = 16  # decoding's attention runs per block of this many slots (block_lengths)
 
 
 def apply_repetition_penalty(logits, seen, penalty):
@@ -64,6 +65,30 @@ def fill_slots(owner, pending):
             owner[s] = pending.popleft()
             filled.append((s, owner[s]))
     return filled
+
+
+def close_up(model, owner, col, seen, tok):
+    """After answers end, move the rows still generating down over the freed slots, in order, so that
+    new prompts always join at the end: rows stay in the order they started, and as each grows by one
+    column a step, that is about longest first. block_lengths then lets each block of rows attend to its
+    own columns only. Only the columns a row has filled are copied: a 1k-column row of a 7B model is
+    ~0.5 GB (all layers), ~0.02 GB for SmolLM2-135M, once per answer, next to ~50% less attention."""
+    active = [s for s, o in enumerate(owner) if o is not None]
+    for j, s in enumerate(active):  # j <= s, and every slot below s is already in place: nothing is lost
+        if j != s:
+            for layer in model.layers:
+                cache = layer.attention.cache
+                cache.k[j, :, :col[s]], cache.v[j, :, :col[s]] = cache.k[s, :, :col[s]], cache.v[s, :, :col[s]]
+            seen[j], tok[j], owner[j], col[j] = seen[s], tok[s], owner[s], col[s]
+    for j in range(len(active), len(owner)):
+        owner[j], col[j] = None, 0  # an empty slot writes column 0 of its row: never read
+
+
+def block_lengths(col):
+    """Model.forward's cache_len for rows in about length order: per block of rows, the columns its
+    longest row uses. Blocks of 16 rows: 4 SDPA calls at 64 slots read ~40% less cache than one (at the
+    AlpacaEval answers of SmolLM2), more blocks barely fewer and each call costs its own overhead."""
+    return [max(col[i:i + ROWS_PER_BLOCK]) + 1 for i in range(0, len(col), ROWS_PER_BLOCK)]
 
 
 @contextmanager
@@ -117,10 +142,12 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     Continuous batching on a static KV cache of batch_size rows, the slots (default: every prompt at
     once). A prompt is prefilled alone into a free slot, at columns 0.. of that row and its own RoPE
     positions; then every step feeds one token per slot at that slot's next column
-    (fast_decode.decode_step). A slot whose answer ends (a stop token or its budget) takes the next
-    prompt at once, so no row computes for an answer that is done, and a prompt gives exactly the
-    tokens it gives alone. compile=True runs the step through torch.compile (the same tokens): slots
-    and cache lengths come in buckets, so the first call of each shape pays the compile."""
+    (fast_decode.decode_step). When answers end (a stop token or the budget), the rows still going move
+    down over the freed slots (close_up) and the next prompts take the slots at the end, so no row
+    computes for an answer that is done, rows stay in the order they started (about longest first, so
+    each block of rows attends only to the columns its own longest row uses), and a prompt gives
+    exactly the tokens it gives alone. compile=True runs the step through torch.compile (the same
+    tokens): slots and cache lengths come in buckets, so the first call of each shape pays the compile."""
     if not prompts:
         return []
     per_prompt = isinstance(max_new_tokens, (list, tuple))
@@ -164,6 +191,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
                     col[s] = len(prompts[i])
             tok = next_token(logits, seen, temperature, top_p, repetition_penalty, generator)
             seen[rows, tok] = True
+            ended = False
             for s, t in enumerate(tok.tolist()):  # one sync per step: cheap next to a forward pass
                 i = owner[s]
                 if i is None:
@@ -173,12 +201,14 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
                     if on_token is not None:
                         on_token(i, t)
                 if t in stop or len(answers[i]) == budgets[i]:
-                    owner[s], col[s] = None, 0  # an empty slot writes column 0 of its row: never read
+                    owner[s], ended = None, True
                     if on_answer is not None:
                         on_answer(i, answers[i])
             if not pending and all(o is None for o in owner):
                 break
-            in_use = None if compile else max(col) + 1  # eager: attend to the columns in use only
+            if ended:
+                close_up(model, owner, col, seen, tok)
+            in_use = None if compile else block_lengths(col)  # eager: attend to the columns in use only
             logits.copy_(step_fn(model, tok, rows.new_tensor(col), in_use))
             col = [c + (o is not None) for c, o in zip(col, owner)]
     finally:

@@ -15,8 +15,8 @@ import data
 import precision
 import sample
 from bench import generate as bench_generate
-from model import save_meta
-from sample import fill_slots, generate
+from model import KVCache, save_meta
+from sample import block_lengths, close_up, fill_slots, generate
 
 
 def test_fill_slots_takes_pending_prompts_in_order():
@@ -26,6 +26,60 @@ def test_fill_slots_takes_pending_prompts_in_order():
     assert fill_slots(owner, pending) == [] and list(pending) == [5]  # no free slot
     owner[1] = None
     assert fill_slots(owner, pending) == [(1, 5)] and fill_slots([None], deque()) == []
+
+
+def test_close_up_moves_live_rows_down_in_order():
+    """Slots 1 and 3 of 5 ended: rows 0, 2, 4 become rows 0, 1, 2, each with the columns it filled (and
+    nothing past them), its seen tokens and its next token; the freed slots end up empty at the end."""
+    class Layer(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.attention = torch.nn.Module()
+            k = torch.arange(5 * 2 * 6 * 3, dtype=torch.float).view(5, 2, 6, 3)  # (slots, heads, columns, dim)
+            self.attention.cache = KVCache(k, -k)
+    model = torch.nn.Module()
+    model.layers = torch.nn.ModuleList([Layer(), Layer()])
+    before = model.layers[1].attention.cache.k.clone()
+    owner, col = [7, None, 8, None, 9], [4, 0, 2, 0, 5]
+    seen, tok = torch.eye(5, dtype=torch.bool), torch.tensor([10, 11, 12, 13, 14])
+    close_up(model, owner, col, seen, tok)
+    assert owner == [7, 8, 9, None, None] and col == [4, 2, 5, 0, 0] and tok[:3].tolist() == [10, 12, 14]
+    assert seen[:3].tolist() == torch.eye(5, dtype=torch.bool)[[0, 2, 4]].tolist()
+    k, v = model.layers[1].attention.cache.k, model.layers[1].attention.cache.v
+    assert torch.equal(k[0], before[0]) and torch.equal(v[2, :, :5], -before[4, :, :5])
+    assert torch.equal(k[1, :, :2], before[2, :, :2]) and torch.equal(k[1, :, 2:], before[1, :, 2:])  # 2 columns only
+    assert torch.equal(k[2, :, :5], before[4, :, :5]) and torch.equal(k[2, :, 5:], before[2, :, 5:])
+
+
+def test_block_lengths_per_block_of_rows(monkeypatch):
+    monkeypatch.setattr(sample, "ROWS_PER_BLOCK", 2)
+    assert block_lengths([9, 4, 3, 7, 0]) == [10, 8, 1]
+    monkeypatch.setattr(sample, "ROWS_PER_BLOCK", 16)
+    assert block_lengths([9, 4, 3, 7, 0]) == [10]
+
+
+def test_blocks_of_rows_attend_to_their_own_columns():
+    """A cache_len per block of rows gives the logits of one length for all rows (the columns a block
+    skips are masked anyway), and SDPA sees each block's keys only."""
+    model = tiny_model(seed=5)
+    B, L = 6, 12
+    model.setup_cache(B, L)
+    with torch.no_grad():
+        for layer in model.layers:  # a filled cache, and each row's next column
+            layer.attention.cache.k.normal_(), layer.attention.cache.v.normal_()
+    pos = torch.tensor([9, 8, 5, 4, 2, 0])
+    tok = torch.arange(3, 3 + B)
+    with torch.no_grad():
+        one = model(tok[:, None], cache_pos=pos[:, None], cache_len=10)
+        keys = []
+        sdpa = torch.nn.functional.scaled_dot_product_attention
+        with pytest.MonkeyPatch.context() as m:
+            m.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                      lambda q, k, v, **kw: keys.append((q.shape[0], k.shape[2])) or sdpa(q, k, v, **kw))
+            blocks = model(tok[:, None], cache_pos=pos[:, None], cache_len=[10, 6, 3])
+    assert keys == [(2, 10), (2, 6), (2, 3)] * 2  # per layer: rows 0-1 see 10 columns, 2-3 six, 4-5 three
+    assert torch.allclose(blocks, one, atol=1e-5, rtol=0)
+    model.clear_cache()
 
 
 @pytest.mark.parametrize("penalty", [1.0, 1.2])
@@ -63,6 +117,21 @@ def test_stop_tokens_free_slots_for_the_next_prompt():
     assert sum(len(a) < 24 for a in alone) >= 5
     assert generate(model, prompts, 24, eos_id=stop, batch_size=4) == alone
     assert generate(model, prompts[::-1], 24, eos_id=stop, batch_size=2) == alone[::-1]
+
+
+def test_many_slots_in_blocks_equal_each_prompt_alone(monkeypatch):
+    """60 prompts of 1-60 tokens through 13 slots in blocks of 3 rows: answers end mid-batch (stop
+    tokens, budgets), the rows behind them move down (close_up), each block attends to its own columns."""
+    model = tiny_model(seed=4)
+    prompts, budgets = uneven_prompts(n=60, seed=6)
+    stop = [5, 17, 40]
+    alone = [generate(model, [p], n, eos_id=stop)[0] for p, n in zip(prompts, budgets)]
+    assert sum(len(a) < n for a, n in zip(alone, budgets)) >= 5  # some answers end at a stop token
+    monkeypatch.setattr(sample, "ROWS_PER_BLOCK", 3)
+    moves, close = [], sample.close_up
+    monkeypatch.setattr(sample, "close_up", lambda *a: moves.append(list(a[1])) or close(*a))
+    assert generate(model, prompts, budgets, eos_id=stop, batch_size=13) == alone
+    assert any(any(o is not None for o in owner[owner.index(None):]) for owner in moves)  # rows behind a freed slot
 
 
 def test_batch_size_larger_than_the_prompts_and_zero_budgets():
