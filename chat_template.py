@@ -9,10 +9,6 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
-from jinja2.sandbox import ImmutableSandboxedEnvironment
-
 from checks import ArgumentParser, CheckpointError, run_main
 from tokenizer import read_config  # {} when absent, one line when not a JSON object
 
@@ -27,6 +23,11 @@ def environment():
     controls, a tojson that keeps non-ASCII text and never escapes HTML, raise_exception and
     strftime_now, and a {% generation %} block that renders its body (transformers uses it to find
     the assistant's tokens; here the labels come from rendering prefixes, below)."""
+    # jinja2 is imported where a folder's own template is compiled, not at the top: every training
+    # worker imports this file, and most runs (Meta checkpoints, our templates) never need it (~2 MB each)
+    import jinja2.ext
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
     class Generation(jinja2.ext.Extension):
         tags = {"generation"}
 
@@ -70,6 +71,7 @@ class ChatTemplate:
     encode(messages, tok) -> (ids, trained), the ids apply_chat_template(tokenize=True) gives."""
 
     def __init__(self, text, source, tokens):
+        import jinja2  # see environment()
         self.text, self.source, self.tokens = text, str(source), tokens
         try:
             self.compiled = environment().from_string(text)
@@ -84,6 +86,7 @@ class ChatTemplate:
         return isinstance(other, ChatTemplate) and other.text == self.text and other.tokens == self.tokens
 
     def render(self, messages, add_generation_prompt=False):
+        import jinja2  # see environment()
         try:
             return self.compiled.render(messages=messages, tools=None, documents=None,
                                         add_generation_prompt=add_generation_prompt, **self.tokens)

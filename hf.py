@@ -33,7 +33,6 @@ from checks import (
     run_main,
     writable_folder,
 )
-from hf_tokenizer import write_hf_tokenizer
 from tokenizer import Tokenizer, read_config
 
 LAYER_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -335,6 +334,7 @@ def write_hf(state, args, out_dir, tokenizer_path=None, dtype=None, max_shard_by
             write_json(tmp / "model.safetensors.index.json", index)
         write_json(tmp / "config.json", hf_config(args, tied, dtype, tok))
         if tok is not None:
+            from hf_tokenizer import write_hf_tokenizer  # imports `tokenizers`: only an export needs it here
             write_hf_tokenizer(tok, tmp)  # with the source's generation_config.json, if it has one: kept, and
             # every stop id as an EOS: transformers' generate then ends an answer where sample.py does
             gen = read_config(tmp / "generation_config.json")

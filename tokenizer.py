@@ -15,7 +15,6 @@ from pathlib import Path
 
 import sentencepiece as spm
 import tiktoken
-from tokenizers import Tokenizer as HFTokenizer
 
 from checks import ArgumentParser, CheckpointError, read_json, run_main
 
@@ -76,6 +75,7 @@ def read_tokenizer_json(path, blob):
         raise CheckpointError(f"{path}: not a JSON file ({str(e).splitlines()[0]})") from None
     if not isinstance(spec, dict) or not isinstance(spec.get("model"), dict):
         raise CheckpointError(f"{path}: JSON, but not a tokenizer.json of the tokenizers library (no \"model\")")
+    from tokenizers import Tokenizer as HFTokenizer  # here: only tokenizer.json folders need it (~1 MB a process)
     try:
         return HFTokenizer.from_str(blob.decode("utf-8"))
     except Exception as e:  # noqa: BLE001 (the library raises a bare Exception with serde's message)
