@@ -21,6 +21,7 @@ import model as llama
 from checks import ArgumentParser, DataError, UserError, atomic, number, read_json, run_main, writable_file
 from partial import Partial, answers_key
 from precision import choose_dtype
+from stream import TextStream  # noqa: F401 (sample.TextStream)
 
 # The paper's generation settings (the authors' eval_generate.py calls HF generate with do_sample=False,
 # repetition_penalty=1.2, max_length=1024): greedy, penalty 1.2, 1024 tokens counting the prompt.
@@ -216,35 +217,6 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
             model.clear_cache()
         model.train(was_training)
     return answers
-
-
-class TextStream:
-    """Prints generated tokens as text while they come. Decoding one piece at a time is wrong twice over:
-    SentencePiece drops a piece's leading space when it starts the text, and a byte-fallback character
-    spans several pieces. So decode from the last clean boundary and print only what the new token adds
-    once it no longer ends in a half character (U+FFFD)."""
-
-    def __init__(self, tok, file=None):
-        self.tok, self.file = tok, file or sys.stdout
-        self.ids, self.start, self.printed = [], 0, 0  # decode ids[start:]; ids[start:printed] are shown
-
-    def put(self, token_id):
-        self.ids.append(token_id)
-        self._emit(final=False)
-
-    def end(self):
-        self._emit(final=True)
-        self.file.write("\n")
-        self.file.flush()
-
-    def _emit(self, final):
-        shown = self.tok.decode(self.ids[self.start:self.printed])
-        text = self.tok.decode(self.ids[self.start:])
-        if len(text) > len(shown) and (final or not text.endswith("\ufffd")):
-            self.file.write(text[len(shown):])
-            self.file.flush()
-            # keep one piece of context so the next piece's leading space survives decoding
-            self.start, self.printed = self.printed, len(self.ids)
 
 
 def read_prompts(path):
