@@ -203,8 +203,8 @@ class Transformer(nn.Module):
         tokens of left-padded batches. positions (B, T): RoPE's (default 0..T-1 or the cache slots), restarted
         per document of a packed row (segment_ids). cache_pos (T,) or (B, T): these tokens' KV-cache slots
         while generating; cache_len: attend to the first cache_len slots only (eager decoding; a compiled
-        step keeps the full, fixed shape), or a list of such lengths, one per block of rows (the rows cut into
-        len(cache_len) equal blocks, the last one shorter): sample.generate keeps its rows in about length order.
+        step keeps the full, fixed shape), or [(rows, cache_len)] per block of rows, in order: the first rows
+        attend to their own first cache_len slots, the next ones to theirs (sample.block_lengths).
         head(h, output) replaces the output layer: train.py's chunked loss."""
         h = self.tok_embeddings(tokens)
         if noise is not None:
@@ -213,12 +213,14 @@ class Transformer(nn.Module):
         if positions is None:
             positions = (torch.arange(T, device=h.device) if cache_pos is None else cache_pos).expand(B, T)
         cos, sin = rope_cos_sin(positions, self.args)
-        cache, blocks = self.layers[0].attention.cache, None
-        if cache is not None:
-            lens = list(cache_len) if isinstance(cache_len, (list, tuple)) else [cache_len or cache.k.shape[2]]
-            size = -(-B // len(lens))
-            blocks = [(slice(i * size, (i + 1) * size), n) for i, n in enumerate(lens)]
-        attn_mask = attention_mask(T, mask, segment_ids, cache_pos, None if cache is None else max(lens))
+        cache, blocks, keys = self.layers[0].attention.cache, [], None
+        if cache is not None:  # (rows, columns) per block of rows: each attends to its own columns
+            start = 0
+            for rows, n in cache_len if isinstance(cache_len, list) else [(B, cache_len or cache.k.shape[2])]:
+                blocks.append((slice(start, start + rows), n))
+                start += rows
+            keys = max(n for _, n in blocks)
+        attn_mask = attention_mask(T, mask, segment_ids, cache_pos, keys)
         for layer in self.layers:
             h = layer(h, cos, sin, attn_mask, cache_pos, blocks)
         return self.output(self.norm(h)) if head is None else head(self.norm(h), self.output)

@@ -69,27 +69,33 @@ def fill_slots(owner, pending):
 
 
 def close_up(model, owner, col, seen, tok):
-    """After answers end, move the rows still generating down over the freed slots, in order, so that
-    new prompts always join at the end: rows stay in the order they started, and as each grows by one
-    column a step, that is about longest first. block_lengths then lets each block of rows attend to its
-    own columns only. Only the columns a row has filled are copied: a 1k-column row of a 7B model is
-    ~0.5 GB (all layers), ~0.02 GB for SmolLM2-135M, once per answer, next to ~50% less attention."""
-    active = [s for s, o in enumerate(owner) if o is not None]
-    for j, s in enumerate(active):  # j <= s, and every slot below s is already in place: nothing is lost
-        if j != s:
-            for layer in model.layers:
-                cache = layer.attention.cache
-                cache.k[j, :, :col[s]], cache.v[j, :, :col[s]] = cache.k[s, :, :col[s]], cache.v[s, :, :col[s]]
-            seen[j], tok[j], owner[j], col[j] = seen[s], tok[s], owner[s], col[s]
-    for j in range(len(active), len(owner)):
-        owner[j], col[j] = None, 0  # an empty slot writes column 0 of its row: never read
+    """Keep the blocks of rows in the order their prompts started, so that block_lengths pays off: a
+    slot freed in one block takes the oldest row of the later blocks (the lowest prompt index: prompts
+    start in input order), whose own slot the next blocks fill the same way. Each block is then older
+    than the next, every row grows by one column a step, so the blocks are about longest first, and the
+    free slots, where new prompts go, end up in the last blocks. One move per later block and freed slot,
+    each copying only the columns that row has filled (~20 MB for 1k columns of SmolLM2-135M, ~0.5 GB at
+    7B, all layers): next to a decode step's reading of the whole cache, a small price."""
+    B, size = len(owner), ROWS_PER_BLOCK
+    for hole in range(B):
+        later = [s for s in range((hole // size + 1) * size, B) if owner[s] is not None]
+        if owner[hole] is not None or not later:
+            continue
+        s = min(later, key=lambda t: owner[t])
+        for layer in model.layers:
+            cache = layer.attention.cache
+            cache.k[hole, :, :col[s]], cache.v[hole, :, :col[s]] = cache.k[s, :, :col[s]], cache.v[s, :, :col[s]]
+        seen[hole], tok[hole], owner[hole], col[hole] = seen[s], tok[s], owner[s], col[s]
+        owner[s], col[s] = None, 0  # an empty slot writes column 0 of its row: never read
 
 
 def block_lengths(col):
-    """Model.forward's cache_len for rows in about length order: per block of rows, the columns its
-    longest row uses. Blocks of 16 rows: 4 SDPA calls at 64 slots read ~40% less cache than one (at the
-    AlpacaEval answers of SmolLM2), more blocks barely fewer and each call costs its own overhead."""
-    return [max(col[i:i + ROWS_PER_BLOCK]) + 1 for i in range(0, len(col), ROWS_PER_BLOCK)]
+    """Model.forward's cache_len for rows kept in about length order (close_up): per block of rows, its
+    number of rows and the columns its longest row uses. Blocks of 16: at 64 slots on AlpacaEval answers
+    of SmolLM2, 4 SDPA calls read ~40% less of the cache than one; more blocks read barely less, and
+    each call has its own overhead."""
+    return [(len(col[i:i + ROWS_PER_BLOCK]), max(col[i:i + ROWS_PER_BLOCK]) + 1)
+            for i in range(0, len(col), ROWS_PER_BLOCK)]
 
 
 @contextmanager
@@ -143,11 +149,11 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
     Continuous batching on a static KV cache of batch_size rows, the slots (default: every prompt at
     once). A prompt is prefilled alone into a free slot, at columns 0.. of that row and its own RoPE
     positions; then every step feeds one token per slot at that slot's next column
-    (fast_decode.decode_step). When answers end (a stop token or the budget), the rows still going move
-    down over the freed slots (close_up) and the next prompts take the slots at the end, so no row
-    computes for an answer that is done, rows stay in the order they started (about longest first, so
-    each block of rows attends only to the columns its own longest row uses), and a prompt gives
-    exactly the tokens it gives alone. compile=True runs the step through torch.compile (the same
+    (fast_decode.decode_step). When answers end (a stop token or the budget), older rows move into the
+    freed slots (close_up) and the next prompts take the free slots that are left, so no row computes
+    for an answer that is done, blocks of rows stay in the order they started (about longest first, so
+    each block attends only to the columns its own longest row uses), and a prompt gives exactly the
+    tokens it gives alone. compile=True runs the step through torch.compile (the same
     tokens): slots and cache lengths come in buckets, so the first call of each shape pays the compile."""
     if not prompts:
         return []
@@ -202,7 +208,7 @@ def generate(model, prompts, max_new_tokens, temperature=0.0, top_p=1.0, repetit
                     if on_token is not None:
                         on_token(i, t)
                 if t in stop or len(answers[i]) == budgets[i]:
-                    owner[s], ended = None, True
+                    owner[s], col[s], ended = None, 0, True  # an empty slot writes column 0: never read
                     if on_answer is not None:
                         on_answer(i, answers[i])
             if not pending and all(o is None for o in owner):

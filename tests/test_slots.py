@@ -28,34 +28,42 @@ def test_fill_slots_takes_pending_prompts_in_order():
     assert fill_slots(owner, pending) == [(1, 5)] and fill_slots([None], deque()) == []
 
 
-def test_close_up_moves_live_rows_down_in_order():
-    """Slots 1 and 3 of 5 ended: rows 0, 2, 4 become rows 0, 1, 2, each with the columns it filled (and
-    nothing past them), its seen tokens and its next token; the freed slots end up empty at the end."""
+def test_close_up_fills_freed_slots_with_the_oldest_later_rows(monkeypatch):
+    """Blocks of 2 rows; prompts 0, 2 and 4 ended. Slot 1 (block 0) takes the oldest later row, prompt 3
+    from slot 3; slot 3 (block 1) then takes prompt 5 from slot 4: blocks stay in starting order and the
+    free slots gather at the end. Each move carries the columns the row filled (and nothing past them),
+    its seen tokens and its next token; a free slot is at column 0."""
+    monkeypatch.setattr(sample, "ROWS_PER_BLOCK", 2)
+
     class Layer(torch.nn.Module):
         def __init__(self):
             super().__init__()
             self.attention = torch.nn.Module()
-            k = torch.arange(5 * 2 * 6 * 3, dtype=torch.float).view(5, 2, 6, 3)  # (slots, heads, columns, dim)
+            k = torch.arange(6 * 2 * 6 * 3, dtype=torch.float).view(6, 2, 6, 3)  # (slots, heads, columns, dim)
             self.attention.cache = KVCache(k, -k)
     model = torch.nn.Module()
     model.layers = torch.nn.ModuleList([Layer(), Layer()])
     before = model.layers[1].attention.cache.k.clone()
-    owner, col = [7, None, 8, None, 9], [4, 0, 2, 0, 5]
-    seen, tok = torch.eye(5, dtype=torch.bool), torch.tensor([10, 11, 12, 13, 14])
+    owner, col = [1, None, 6, 3, 5, None], [4, 0, 1, 3, 2, 0]
+    seen, tok = torch.eye(6, dtype=torch.bool), torch.tensor([10, 11, 12, 13, 14, 15])
     close_up(model, owner, col, seen, tok)
-    assert owner == [7, 8, 9, None, None] and col == [4, 2, 5, 0, 0] and tok[:3].tolist() == [10, 12, 14]
-    assert seen[:3].tolist() == torch.eye(5, dtype=torch.bool)[[0, 2, 4]].tolist()
+    assert owner == [1, 3, 6, 5, None, None] and col == [4, 3, 1, 2, 0, 0] and tok[:4].tolist() == [10, 13, 12, 14]
+    assert seen[:4].tolist() == torch.eye(6, dtype=torch.bool)[[0, 3, 2, 4]].tolist()
     k, v = model.layers[1].attention.cache.k, model.layers[1].attention.cache.v
-    assert torch.equal(k[0], before[0]) and torch.equal(v[2, :, :5], -before[4, :, :5])
-    assert torch.equal(k[1, :, :2], before[2, :, :2]) and torch.equal(k[1, :, 2:], before[1, :, 2:])  # 2 columns only
-    assert torch.equal(k[2, :, :5], before[4, :, :5]) and torch.equal(k[2, :, 5:], before[2, :, 5:])
+    assert torch.equal(k[0], before[0]) and torch.equal(k[2], before[2])  # rows that stay are untouched
+    assert torch.equal(k[1, :, :3], before[3, :, :3]) and torch.equal(k[1, :, 3:], before[1, :, 3:])  # 3 columns
+    assert torch.equal(v[1, :, :3], -before[3, :, :3])
+    assert torch.equal(k[3, :, :2], before[4, :, :2]) and torch.equal(k[3, :, 2:], before[3, :, 2:])
+    owner, col = [None, 2, None, None], [0, 5, 0, 0]  # nothing later to move: nothing moves
+    close_up(model, owner, col, seen, tok)
+    assert owner == [None, 2, None, None] and col == [0, 5, 0, 0]
 
 
 def test_block_lengths_per_block_of_rows(monkeypatch):
     monkeypatch.setattr(sample, "ROWS_PER_BLOCK", 2)
-    assert block_lengths([9, 4, 3, 7, 0]) == [10, 8, 1]
+    assert block_lengths([9, 4, 3, 7, 0]) == [(2, 10), (2, 8), (1, 1)]
     monkeypatch.setattr(sample, "ROWS_PER_BLOCK", 16)
-    assert block_lengths([9, 4, 3, 7, 0]) == [10]
+    assert block_lengths([9, 4, 3, 7, 0]) == [(5, 10)]
 
 
 def test_blocks_of_rows_attend_to_their_own_columns():
@@ -76,8 +84,8 @@ def test_blocks_of_rows_attend_to_their_own_columns():
         with pytest.MonkeyPatch.context() as m:
             m.setattr(torch.nn.functional, "scaled_dot_product_attention",
                       lambda q, k, v, **kw: keys.append((q.shape[0], k.shape[2])) or sdpa(q, k, v, **kw))
-            blocks = model(tok[:, None], cache_pos=pos[:, None], cache_len=[10, 6, 3])
-    assert keys == [(2, 10), (2, 6), (2, 3)] * 2  # per layer: rows 0-1 see 10 columns, 2-3 six, 4-5 three
+            blocks = model(tok[:, None], cache_pos=pos[:, None], cache_len=[(2, 10), (3, 9), (1, 1)])
+    assert keys == [(2, 10), (3, 9), (1, 1)] * 2  # per layer: rows 0-1 see 10 columns, 2-4 nine, row 5 one
     assert torch.allclose(blocks, one, atol=1e-5, rtol=0)
     model.clear_cache()
 
