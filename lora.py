@@ -18,6 +18,23 @@ from checks import atomic
 
 TARGETS = ("wq", "wk", "wv", "wo", "w1", "w2", "w3")  # every linear of a block; QLoRA found all were needed
 ADAPTER_KEYS = ("lora_a", "lora_b")
+NF4_PARTS = 4  # an NF4 base weight is multiplied this many row blocks at a time (base_linear)
+
+
+def is_nf4(t):
+    return hasattr(t, "quantized_data")  # torchao's NF4Tensor (QLoRA, qlora.py), without importing torchao
+
+
+def base_linear(x, weight):
+    """x W^T through the frozen base weight. An NF4 weight (QLoRA) goes a quarter of its rows at a time:
+    torchao dequantizes the weight it multiplies whole, through int64 codes (8 bytes an element: 23 MB
+    for a 1024 x 2816 w1, more than its bf16 form and NF4 codes together), in the forward and again in
+    the backward, the largest temporary of a QLoRA worker. NF4Tensor's own split cuts along rows at
+    whole blocks without copying (as FSDP2 shards it), so each part holds a quarter of that."""
+    if not is_nf4(weight):
+        return F.linear(x, weight)
+    parts = math.gcd(NF4_PARTS, weight.shape[0], weight.quantization_factor.numel())  # whole scaler blocks
+    return torch.cat([F.linear(x, w) for w in weight.split(weight.shape[0] // parts)], dim=-1)
 
 
 class LoRALinear(nn.Module):
@@ -38,7 +55,7 @@ class LoRALinear(nn.Module):
     def forward(self, x):
         # .to: fp32 adapters on a bf16 base outside autocast/FSDP (e.g. load_adapters, then eval)
         side = F.linear(F.linear(self.dropout(x), self.lora_a.to(x.dtype)), self.lora_b.to(x.dtype))
-        return F.linear(x, self.weight) + self.scale * side
+        return base_linear(x, self.weight) + self.scale * side
 
     def extra_repr(self):
         return f"{self.in_features}, {self.out_features}, rank={self.lora_a.shape[0]}, scale={self.scale:g}"

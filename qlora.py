@@ -17,7 +17,7 @@ import torch.nn as nn
 from torch.distributed.tensor import DTensor
 
 from checks import UserError
-from lora import TARGETS
+from lora import TARGETS, is_nf4  # noqa: F401 (qlora.is_nf4)
 
 BLOCK = 64  # QLoRA's block: one absmax scaler per 64 weights
 SCALER_BLOCK = 256  # torchao's default block of the double-quantized scalers (QLoRA's)
@@ -101,10 +101,6 @@ def unsharded(model, mesh):
     shortcut copies each weight's all-gather input into a plain tensor (torch 2.13), which an NF4
     tensor is not; with nothing to shard, the weights simply stay outside FSDP. None on more ranks."""
     return {p for p in model.parameters() if is_nf4(p)} if mesh.size() == 1 else None
-
-
-def is_nf4(t):
-    return hasattr(t, "quantized_data")  # torchao's NF4Tensor, without importing torchao
 
 
 def count(model):

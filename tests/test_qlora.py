@@ -40,6 +40,32 @@ def test_finite_without_dequantizing():
     assert qlora.finite(torch.tensor([1.0, 2.0])) and not qlora.finite(torch.tensor([1.0, float("inf")]))
 
 
+def test_base_linear_multiplies_nf4_a_quarter_of_the_rows_at_a_time(monkeypatch):
+    """lora.base_linear on an NF4 weight: the same output as torchao's whole-weight linear (each output
+    is the same row's dot products), each matmul against a quarter of the rows (a quarter of the
+    dequantized temporary), and an input gradient within bf16 rounding of the exact one, as the whole
+    weight's is (the quarters' gradients are summed in bf16)."""
+    w = reference_nf4(torch.randn(512, 192))  # 1,536 blocks of 64, 8 scaler blocks of 192
+    x = torch.randn(3, 5, 192, dtype=torch.bfloat16, requires_grad=True)
+    dequantized = []
+    original = type(w).get_original_weight
+    monkeypatch.setattr(type(w), "get_original_weight", lambda t: dequantized.append(t.shape) or original(t))
+    out = lora.base_linear(x, w)
+    assert dequantized == [(128, 192)] * 4
+    whole = torch.nn.functional.linear(x, w)
+    assert dequantized[4:] == [(512, 192)] and torch.equal(out, whole)
+    g = torch.randn_like(out)
+    (got,), (ref,) = torch.autograd.grad(out, x, g), torch.autograd.grad(whole, x, g)
+    assert dequantized[5:10] == [(128, 192)] * 4 + [(512, 192)]  # the backward dequantizes by quarters too
+    exact = g.float().flatten(0, 1) @ w.get_original_weight().float()  # in fp32, as one sum
+    scale = exact.abs().max()
+    assert (ref.float().flatten(0, 1) - exact).abs().max() <= 2 ** -7 * scale  # one bf16 rounding
+    assert (got.float().flatten(0, 1) - exact).abs().max() <= 2 ** -6 * scale  # four, and their sum
+    assert not torch.equal(got, ref)
+    plain = torch.randn(512, 192, dtype=torch.bfloat16)
+    assert torch.equal(lora.base_linear(x, plain), torch.nn.functional.linear(x, plain))
+
+
 def test_scaler_block_for_shapes_torchao_refuses():
     w = torch.randn(192, 576).bfloat16()  # SmolLM2-135M's k/v projections: 1,728 scalers
     with pytest.raises(AssertionError, match="divisible"):
