@@ -50,6 +50,10 @@ def test_base_linear_multiplies_nf4_a_quarter_of_the_rows_at_a_time(monkeypatch)
     dequantized = []
     original = type(w).get_original_weight
     monkeypatch.setattr(type(w), "get_original_weight", lambda t: dequantized.append(t.shape) or original(t))
+    lora.base_linear(x, w)
+    assert dequantized == [(512, 192)] and w.numel() < lora.NF4_SPLIT  # small weights go whole
+    monkeypatch.setattr(lora, "NF4_SPLIT", w.numel())
+    dequantized.clear()
     out = lora.base_linear(x, w)
     assert dequantized == [(128, 192)] * 4
     whole = torch.nn.functional.linear(x, w)
