@@ -80,9 +80,9 @@ def close_up(model, owner, col, seen, tok):
     each copying only the columns that row has filled (~20 MB for 1k columns of SmolLM2-135M, ~0.5 GB at
     7B, all layers): next to a decode step's reading of the whole cache, a small price."""
     B, size = len(owner), ROWS_PER_BLOCK
-    for hole in range(B):
+    for hole in (h for h in range(B) if owner[h] is None):
         later = [s for s in range((hole // size + 1) * size, B) if owner[s] is not None]
-        if owner[hole] is not None or not later:
+        if not later:
             continue
         s = min(later, key=lambda t: owner[t])
         for layer in model.layers:
