@@ -89,8 +89,11 @@ def test_ctrl_c_in_a_later_epoch_then_resume_is_exact(tmp_path):
     ref = tmp_path / "ref"
     run_train(["--out", str(ref), *common])
     out = tmp_path / "int"
+    # SIGINT at its default in the run, as in a terminal: a shell's background job (e.g. the tests started
+    # with `&`) ignores it, and Python then never raises KeyboardInterrupt
     p = subprocess.Popen([sys.executable, "train.py", *TINY, "--out", str(out), *common], cwd=ROOT, env=ENV,
-                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                         stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 120
     # step 6 or later: a poll starved of the cores can miss step 6's checkpoint before step 9's replaces it
     while not any(int(c.name.split("_")[1]) >= 6 for c in checkpoint.checkpoints(out)) and p.poll() is None \
