@@ -34,9 +34,9 @@ from checks import (
     run_main,
     writable_folder,
 )
+from launch import acquire_lock, setup_distributed
 from precision import choose_dtype
 from tokenizer import Tokenizer, find_tokenizer
-from train import acquire_lock, setup_distributed
 
 LABELS = ("A", "B")  # (label of output_1, label of output_2): one token each in LLaMA, LLaMA-3 and ChatML vocabularies
 SYSTEM = ("You judge the answers of AI assistants. Given an instruction and two answers to it, you name the "
